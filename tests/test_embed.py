@@ -1,0 +1,184 @@
+"""Embedding: cache hits, bad images, resume after SIGKILL, torch.distributed (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import make_shape_posts
+
+from ccclip_widgets.embed import embed_posts, encode_images, encode_texts
+from ccclip_widgets.models import save_checkpoint
+from ccclip_widgets.posts import read_posts
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_vectors_match_direct_encoding_and_are_normalised(tiny_model, shape_posts, tmp_path):
+    emb = embed_posts(shape_posts, tiny_model, store=tmp_path / "store", show_progress=False, num_workers=0)
+    assert len(emb) == len(shape_posts) == 24
+    assert emb.image.shape == emb.text.shape == (24, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb.image, axis=1), 1.0, rtol=1e-5)
+    direct_t = encode_texts(tiny_model, shape_posts.table["text"].to_list())
+    direct_i = encode_images(tiny_model, shape_posts.table["image_path"].to_list())
+    np.testing.assert_allclose(emb.text, direct_t, atol=1e-6)
+    np.testing.assert_allclose(emb.image, direct_i, atol=1e-5)
+    assert emb.stats["images_encoded"] == 24 and emb.stats["images_reused"] == 0
+
+
+def test_second_run_is_a_cache_hit(tiny_model, shape_posts, tmp_path, monkeypatch):
+    first = embed_posts(shape_posts, tiny_model, store=tmp_path / "s", show_progress=False, num_workers=0)
+    import ccclip_widgets.embed as E
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not run on a cache hit")
+
+    monkeypatch.setattr(E, "_forward_images", boom)
+    monkeypatch.setattr(E, "encode_texts", boom)
+    second = embed_posts(shape_posts, tiny_model, store=tmp_path / "s", show_progress=False, num_workers=0)
+    assert second.stats["images_reused"] == 24 and second.stats["images_encoded"] == 0
+    assert second.stats["texts_reused"] == 24 and second.stats["texts_encoded"] == 0
+    np.testing.assert_array_equal(first.image, second.image)
+    assert first.fingerprint == second.fingerprint
+
+
+def test_shared_images_and_texts_encoded_once(tiny_model, tmp_path):
+    recs = make_shape_posts(tmp_path / "imgs")[:4]
+    extra = [dict(r, post_id=r["post_id"] + "-de", text="Sieht gut aus!") for r in recs]
+    posts = read_posts(pl.DataFrame(recs + extra), image_root=tmp_path / "imgs")
+    emb = embed_posts(posts, tiny_model, store=tmp_path / "s", show_progress=False, num_workers=0)
+    assert emb.stats["images_encoded"] == 4 and emb.stats["texts_encoded"] == 5
+    np.testing.assert_array_equal(emb.image[:4], emb.image[4:])
+
+
+def test_corrupt_image_found_while_embedding_is_a_reject(tiny_model, tmp_path):
+    recs = make_shape_posts(tmp_path / "imgs")[:6]
+    posts = read_posts(pl.DataFrame(recs), image_root=tmp_path / "imgs", check_images="none")
+    # damage one file after the table was read (the header check did not run)
+    bad = Path(posts.table["image_path"][2])
+    bad.write_bytes(bad.read_bytes()[:200])
+    emb = embed_posts(posts, tiny_model, store=tmp_path / "s", show_progress=False, num_workers=0)
+    assert len(emb) == 5
+    assert emb.rejects["post_id"].to_list() == [recs[2]["post_id"]]
+    assert emb.rejects["row"].to_list() == [2]
+    assert emb.stats["images_failed"] == 1
+    assert recs[2]["post_id"] not in emb.post_ids
+
+
+def test_worker_processes_give_same_vectors(tiny_model, tmp_path):
+    recs = make_shape_posts(tmp_path / "imgs", n_per=3)  # 72 posts: enough for workers
+    posts = read_posts(pl.DataFrame(recs), image_root=tmp_path / "imgs")
+    a = embed_posts(posts, tiny_model, store=tmp_path / "a", show_progress=False, num_workers=0)
+    b = embed_posts(
+        posts, tiny_model, store=tmp_path / "b", show_progress=False, num_workers=2, batch_size=16
+    )
+    np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import ccclip_widgets.store as S
+    from ccclip_widgets.embed import embed_posts
+    from ccclip_widgets.models import load_model
+    from ccclip_widgets.posts import read_posts
+
+    kill_after = int(sys.argv[4])
+    original = S.EmbeddingStore.write_part
+    count = {"n": 0}
+
+    def write_part(self, kind, keys, vectors, **kw):
+        if kind == "images" and count["n"] == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        count["n"] += kind == "images"
+        return original(self, kind, keys, vectors, **kw)
+
+    if kill_after >= 0:
+        S.EmbeddingStore.write_part = write_part
+    posts = read_posts(sys.argv[1])
+    model = load_model(sys.argv[2], device="cpu")
+    emb = embed_posts(posts, model, store=sys.argv[3], part_size=8, batch_size=8, num_workers=0,
+                      show_progress=False)
+    print("encoded", emb.stats["images_encoded"], "reused", emb.stats["images_reused"])
+    """
+)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_model, tmp_path):
+    recs = make_shape_posts(tmp_path / "imgs", n_per=2)  # 48 posts -> 6 image parts of 8
+    pl.DataFrame(recs).write_csv(tmp_path / "imgs" / "posts.csv")
+    ck = save_checkpoint(tiny_model, tmp_path / "model")
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, str(script), str(tmp_path / "imgs" / "posts.csv"), str(ck)]
+    killed = subprocess.run([*args, str(tmp_path / "s"), "3"], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    parts = list((tmp_path / "s").rglob("images/part-*.parquet"))
+    assert len(parts) == 3, "three finished parts survive the kill"
+    resumed = subprocess.run([*args, str(tmp_path / "s"), "-1"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "encoded 24 reused 24" in resumed.stdout  # only the unfinished half was recomputed
+    clean = subprocess.run([*args, str(tmp_path / "clean"), "-1"], env=env, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    posts = read_posts(tmp_path / "imgs" / "posts.csv")
+    a = embed_posts(posts, tiny_model, store=tmp_path / "s", show_progress=False)
+    b = embed_posts(posts, tiny_model, store=tmp_path / "clean", show_progress=False)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.text, b.text)
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_equal_one(tiny_model, tmp_path):
+    recs = make_shape_posts(tmp_path / "imgs", n_per=2)
+    pl.DataFrame(recs).write_csv(tmp_path / "imgs" / "posts.csv")
+    ck = save_checkpoint(tiny_model, tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    base = [str(tmp_path / "imgs" / "posts.csv"), "--model", str(ck), "--device", "cpu", "--no-progress"]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "ccclip_widgets.cli",
+            "embed",
+            *base,
+            "--out",
+            str(tmp_path / "two"),
+            "--workers",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "embedded now: 48 images" in two.stdout
+    one = subprocess.run(
+        [sys.executable, "-m", "ccclip_widgets.cli", "embed", *base, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    posts = read_posts(tmp_path / "imgs" / "posts.csv")
+    a = embed_posts(posts, tiny_model, store=tmp_path / "two" / "store", show_progress=False)
+    b = embed_posts(posts, tiny_model, store=tmp_path / "one" / "store", show_progress=False)
+    assert a.stats["images_encoded"] == 0 and b.stats["images_encoded"] == 0
+    np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+    np.testing.assert_allclose(a.text, b.text, atol=1e-5)
+    parts = list((tmp_path / "two" / "store").rglob("images/part-*.parquet"))
+    assert len(parts) >= 2, "both ranks wrote their share"
