@@ -262,15 +262,17 @@ def model_fingerprint(
     return h.hexdigest()
 
 
+_PKG_PATHS: dict[str, str] = {}  # resolved folder -> its "pkg:<module>" placeholder
+
+
 def _portable_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Config with machine-specific package paths replaced by their ``pkg:`` placeholders."""
     out = copy.deepcopy(dict(cfg))
     text = out.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
-        src = text.get(f"_{key}_source")
-        if src:
-            text[key] = src
-        text.pop(f"_{key}_source", None)
+        value = text.get(key)
+        if isinstance(value, str) and value in _PKG_PATHS:
+            text[key] = _PKG_PATHS[value]
     return out
 
 
@@ -292,7 +294,7 @@ def _resolve_pkg_paths(cfg: dict[str, Any]) -> dict[str, Any]:
             getter = getattr(module, "get_model_path", None)
             path = Path(getter()) if getter else Path(module.__file__).parent / "model"
             text[key] = str(path)
-            text[f"_{key}_source"] = value
+            _PKG_PATHS[str(path)] = value
     return cfg
 
 
@@ -494,15 +496,16 @@ def _create(
     import open_clip
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name,
-            pretrained=pretrained,
-            device="cpu",
-            cache_dir=cache_dir,
-            weights_only=True,
-            pretrained_text=not random,
-            **_preprocess_kwargs(force_preprocess_cfg),
-        )
+        with _quiet_transformers():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name,
+                pretrained=pretrained,
+                device="cpu",
+                cache_dir=cache_dir,
+                weights_only=True,
+                pretrained_text=not random,
+                **_preprocess_kwargs(force_preprocess_cfg),
+            )
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
             f"Refused to load {spec!r}: the file holds pickled Python objects, and this toolkit never unpickles "
@@ -555,6 +558,24 @@ def _finish(
         precision=precision,
         provenance=provenance,
     )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (e.g. MiniLM's unused pooler weights) while building a model."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is only needed for HF text towers
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 def _preprocess_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
