@@ -32,6 +32,16 @@ __all__ = [
 ]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Files are created with the permissions a plain ``open()`` would give (mkstemp alone gives 0600).
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 class DiskFullError(OSError):
     """Raised when a write fails because the disk is full; existing files are left untouched."""
 
@@ -126,6 +136,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
