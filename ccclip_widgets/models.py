@@ -560,22 +560,43 @@ def _finish(
     )
 
 
+class _DropExpected(logging.Filter):
+    """Drops open_clip's root-logger notes that are expected when a text tower comes from a package."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "initialized partially" not in msg and "LOAD REPORT" not in msg
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (e.g. MiniLM's unused pooler weights) while building a model."""
+    """Silence expected load chatter (MiniLM's unused pooler weights, partial-init notes) while building."""
+    names = ("transformers", "transformers.modeling_utils", "transformers.utils.loading_report")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    drop = _DropExpected()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    for h in root.handlers:
+        h.addFilter(drop)
     try:
         from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is only needed for HF text towers
-        yield
-        return
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging = None
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        root.removeFilter(drop)
+        for h in root.handlers:
+            h.removeFilter(drop)
+        if hf_logging is not None:
+            hf_logging.enable_progress_bar()
 
 
 def _preprocess_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -605,18 +626,19 @@ def _load_toolkit_checkpoint(folder: Path, device: torch.device, precision: str,
         raise ModelLoadError(f"Checkpoint {folder} lacks its weights file {weights.name}")
     cfg_portable = meta["model_cfg"]
     name = meta.get("architecture", folder.name)
-    reg_name = f"ccclip-{name}-{blake2b_hex(json.dumps(cfg_portable, sort_keys=True), 6)}"
+    reg_name = f"{name if name.startswith('ccclip-') else 'ccclip-' + name}-{blake2b_hex(json.dumps(cfg_portable, sort_keys=True), 6)}"
     register_model_config(reg_name, cfg_portable)
     partial = bool(meta.get("partial", False))
     pre_cfg = meta.get("preprocess_cfg") or None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            reg_name,
-            pretrained=None,
-            device="cpu",
-            pretrained_text=partial,
-            **_preprocess_kwargs(pre_cfg),  # a partial checkpoint takes its text tower from the package
-        )
+        with _quiet_transformers():  # a partial checkpoint takes its text tower from the package
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                reg_name,
+                pretrained=None,
+                device="cpu",
+                pretrained_text=partial,
+                **_preprocess_kwargs(pre_cfg),
+            )
     except (RuntimeError, OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not build architecture of {folder}: {exc}") from exc
     state = load_file(str(weights), device="cpu")
