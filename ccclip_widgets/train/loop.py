@@ -1,0 +1,1265 @@
+"""The fine-tuning loop: :func:`fine_tune`.
+
+One code path serves a notebook on a laptop CPU, one GPU, and ``torchrun`` on several GPUs (or CPU processes
+with gloo). Each optimizer step: the next ``grad_accum_steps`` global batches (each rank decodes its slice),
+forward under autocast, :class:`~.loss.ClipLoss` with features gathered across ranks, backward, clipping,
+AdamW, the temperature clamped to at most 100. Then callbacks, evaluation, early stopping and checkpoints, in
+that order, and a cooperative stop (``stop_event``) that saves a resumable checkpoint first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import platform
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import ClipModel
+from . import checkpoint as ckpt
+from .config import FineTuneConfig
+from .data import (
+    PairCollate,
+    PairDataset,
+    PreparedPosts,
+    RunBatchSampler,
+    default_train_workers,
+    make_loader,
+    prepare_posts,
+)
+from .distributed import DistInfo, barrier, broadcast_flag, init_distributed, mean_across_ranks
+from .freeze import apply_trainable, freeze_locked_batchnorm
+from .lora import LoraHandle, adapter_state, inject_lora, load_adapter, save_adapter
+from .loss import ClipLoss
+from .metrics import metrics_frame, post_groups, retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EvalInfo",
+    "FineTuneResult",
+    "StepInfo",
+    "TrainingDivergedError",
+    "TrainingOutOfMemoryError",
+    "evaluate_in_memory",
+    "fine_tune",
+]
+
+MAX_LOGIT_SCALE = math.log(100.0)
+#: Config fields that must match to resume (they decide which tensors train and how they are initialized).
+_STRUCTURAL = (
+    "lock_image",
+    "lock_text",
+    "unlock_last_image_blocks",
+    "unlock_last_text_blocks",
+    "train_projections_only",
+    "train_logit_scale",
+    "lora",
+)
+#: Config fields that change the numbers of a resumed run (allowed, with a warning).
+_EXACTNESS = (
+    "seed",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "adam_betas",
+    "adam_eps",
+    "warmup_steps",
+    "warmup_fraction",
+    "schedule",
+    "min_lr_ratio",
+    "grad_accum_steps",
+    "grad_clip",
+    "precision",
+    "augment",
+    "mask_duplicates",
+    "epochs",
+    "max_steps",
+)
+
+
+# ================================================================================================= public types
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without saving the bad state.
+
+    Attributes
+    ----------
+    step
+        The optimizer step (1-based) whose loss was not finite.
+    loss
+        The offending value.
+    last_good_checkpoint
+        The newest checkpoint written before it (``None`` when none was written).
+    """
+
+    def __init__(self, step: int, loss: float, last_good_checkpoint: Path | None, n_bad: int) -> None:
+        self.step = step
+        self.loss = loss
+        self.last_good_checkpoint = last_good_checkpoint
+        where = (
+            f"The last good checkpoint is {last_good_checkpoint}; resume from it with a lower learning rate, "
+            "or load it with load_model()."
+            if last_good_checkpoint is not None
+            else "No checkpoint was written before it (set out_dir and checkpoint_every_steps to keep one)."
+        )
+        super().__init__(
+            f"Training diverged: the loss at step {step} is {loss} ({n_bad} non-finite loss(es) in this run, "
+            f"more than max_nan_tolerance allows). {where} Usual causes: learning rate too high, fp16 overflow "
+            "(try precision='bf16' or 'fp32'), a corrupt batch."
+        )
+
+
+class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """The GPU ran out of memory; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What happened in one optimizer step (passed to ``on_step``).
+
+    Attributes
+    ----------
+    step, total_steps
+        1-based step and the run's length.
+    epoch
+        0-based epoch the step belongs to.
+    loss
+        Mean contrastive loss over the step's global batches (``nan`` for a skipped step).
+    lr
+        Learning rate used.
+    logit_scale
+        The inverse temperature ``exp(logit_scale)`` used in this step (at most 100).
+    samples_per_s
+        Image-text pairs per second in this step (all processes together, data loading included).
+    grad_norm
+        Gradient norm before clipping (``None`` without clipping).
+    skipped
+        True when the step was skipped because its loss was not finite.
+    elapsed_s
+        Seconds since training started (this session).
+    """
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    logit_scale: float
+    samples_per_s: float
+    grad_norm: float | None = None
+    skipped: bool = False
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalInfo:
+    """One evaluation on the held-out posts (passed to ``on_eval``).
+
+    Attributes
+    ----------
+    step, epoch
+        When it ran (step 0 = before training).
+    metrics
+        Flat ``"{direction}/{group}/{metric}"`` values (see :mod:`.metrics`).
+    table
+        The same as a polars table (direction x group rows).
+    is_best
+        True when the early-stopping metric improved.
+    best_value
+        Best value of the early-stopping metric so far (``None`` when none is watched).
+    """
+
+    step: int
+    epoch: int
+    metrics: dict[str, float]
+    table: pl.DataFrame
+    is_best: bool = False
+    best_value: float | None = None
+
+
+@dataclass
+class FineTuneResult:
+    """Outcome of :func:`fine_tune`.
+
+    Attributes
+    ----------
+    model
+        The trained :class:`~ccclip_widgets.models.ClipModel` (the same object that was passed in).
+    config
+        The config used.
+    steps, total_steps
+        Optimizer steps done and planned.
+    stopped
+        ``"finished"``, ``"early_stopping"`` or ``"user"`` (``stop_event``).
+    history
+        One dict per step (``StepInfo`` fields).
+    eval_history
+        One dict per evaluation: ``step``, ``epoch`` and the flat metrics.
+    final_metrics
+        Metrics of the returned weights (the best evaluation when they were restored), or ``{}``.
+    best_metric, best_step
+        The early-stopping metric's best value and its step.
+    output_dir, final_dir, best_dir, last_checkpoint
+        Where things were written (``None`` without ``out_dir``).
+    skipped
+        Posts left out, with ``post_id``, ``reason``, ``detail`` (no image, image failed to decode).
+    data_fingerprint
+        Hash of the training posts.
+    trainable_params
+        Trainable parameter counts by tower.
+    batch_size
+        The global batch size used (it may have been shrunk to fit the data).
+    elapsed_s, samples_per_s
+        Training time in this session and mean throughput.
+    """
+
+    model: ClipModel
+    config: FineTuneConfig
+    steps: int
+    total_steps: int
+    stopped: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+    best_step: int | None = None
+    output_dir: Path | None = None
+    final_dir: Path | None = None
+    best_dir: Path | None = None
+    last_checkpoint: Path | None = None
+    skipped: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_SKIP_SCHEMA))
+    data_fingerprint: str = ""
+    trainable_params: dict[str, int] = field(default_factory=dict)
+    batch_size: int = 0
+    elapsed_s: float = 0.0
+    samples_per_s: float = 0.0
+
+    def metrics_table(self) -> pl.DataFrame:
+        """``final_metrics`` as a table (direction x group rows, recall and rank columns)."""
+        return metrics_frame(self.final_metrics)
+
+    def summary(self) -> str:
+        """A few human-readable lines: what ran, how it ended, where it was saved."""
+        loss = next((h["loss"] for h in reversed(self.history) if not h.get("skipped")), float("nan"))
+        lines = [
+            f"fine-tuned {self.model.name}: {self.steps}/{self.total_steps} steps ({self.stopped}), "
+            f"batch {self.batch_size}, final loss {loss:.4f}, {self.samples_per_s:.1f} pairs/s",
+            f"trainable parameters: {self.trainable_params.get('total', 0):,}",
+        ]
+        if self.skipped.height:
+            lines.append(f"posts skipped: {self.skipped.height} (see result.skipped)")
+        if self.best_metric is not None:
+            lines.append(
+                f"best {self.config.early_stopping_metric} = {self.best_metric:.4f} at step {self.best_step}"
+            )
+        if self.final_dir is not None:
+            lines.append(f"model: {self.final_dir}")
+        elif self.last_checkpoint is not None:
+            lines.append(f"checkpoint: {self.last_checkpoint}")
+        return "\n".join(lines)
+
+
+_SKIP_SCHEMA = {"post_id": pl.String, "reason": pl.String, "detail": pl.String}
+
+
+# ================================================================================================= helpers
+class _DualEncoder(nn.Module):
+    """Forward = both towers + temperature, so DistributedDataParallel sees one module call per step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, images: torch.Tensor, texts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image_features = F.normalize(self.model.encode_image(images), dim=-1)
+        text_features = F.normalize(self.model.encode_text(texts), dim=-1)
+        return image_features, text_features, self.model.logit_scale.exp()
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"precision='fp16' needs a CUDA device (the model is on {device}); use 'bf16' or 'fp32'"
+        )
+    return precision
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    low = name.lower()
+    return param.ndim < 2 or any(t in low for t in ("bias", "norm", "ln_", "bn", "logit_scale", "embedding"))
+
+
+def _hardware(device: torch.device, world: int) -> dict[str, Any]:
+    hw: dict[str, Any] = {
+        "device": str(device),
+        "world_size": world,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def _oom_error(
+    exc: BaseException, config: FineTuneConfig, batch_size: int, world: int
+) -> TrainingOutOfMemoryError:
+    hints = [f"a smaller batch_size (now {batch_size}; e.g. {max(2, batch_size // 2)})"]
+    if not config.grad_checkpointing:
+        hints.append("grad_checkpointing=True (recompute activations)")
+    hints.append(
+        f"grad_accum_steps={config.grad_accum_steps * 2} with a halved batch (same pairs per step; note that "
+        "negatives are shared only within each batch)"
+    )
+    if config.lora is None:
+        hints.append("LoRA adapters or lock_image/lock_text (fewer gradients and optimizer states)")
+    per_rank = batch_size // max(1, world)
+    return TrainingOutOfMemoryError(
+        f"Out of GPU memory while training with {per_rank} pairs per GPU. Try "
+        + "; ".join(hints)
+        + f". ({exc})"
+    )
+
+
+@torch.no_grad()
+def evaluate_in_memory(
+    clip: ClipModel,
+    data: PreparedPosts,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    precision: str = "fp32",
+) -> tuple[dict[str, float], int]:
+    """Embed the evaluation posts with the current weights and score retrieval both ways, per group.
+
+    Parameters
+    ----------
+    clip
+        The model (evaluated as it is, adapters included).
+    data
+        From :func:`~.data.prepare_posts`.
+    batch_size
+        Images or texts per forward pass.
+    num_workers
+        Decoding workers.
+    precision
+        ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast.
+
+    Returns
+    -------
+    (metrics, n_failed)
+        Flat metrics (see :mod:`.metrics`) and the number of posts left out because their image failed to decode.
+    """
+    model = clip.model
+    was_training = model.training
+    model.eval()
+    device = clip.device
+    try:
+        image_ids = data.image_ids.numpy()
+        text_ids = data.text_ids.numpy()
+        first_img = {int(v): i for i, v in reversed(list(enumerate(image_ids)))}
+        first_txt = {int(v): i for i, v in reversed(list(enumerate(text_ids)))}
+        img_rows = [first_img[k] for k in sorted(first_img)]
+        txt_rows = [first_txt[k] for k in sorted(first_txt)]
+        dataset = PairDataset(
+            data.sources, clip.image_size, clip.preprocess, clip.preprocess_cfg, augment=False, seed=0
+        )
+        batches = [
+            [(r, 0) for r in img_rows[s : s + batch_size]] for s in range(0, len(img_rows), batch_size)
+        ]
+        loader = make_loader(dataset, batches, num_workers=num_workers, pin_memory=False, seed=0)
+        img_feats = torch.zeros(len(img_rows), clip.embed_dim)
+        ok = torch.ones(len(img_rows), dtype=torch.bool)
+        pos = 0
+        for _, pixels, valid, _ in loader:
+            pixels = pixels.to(device, non_blocking=True)
+            with _autocast(device, precision):
+                feats = model.encode_image(pixels)
+            img_feats[pos : pos + len(pixels)] = F.normalize(feats.float(), dim=-1).cpu()
+            ok[pos : pos + len(pixels)] = valid
+            pos += len(pixels)
+        txt_feats = torch.zeros(len(txt_rows), clip.embed_dim)
+        for s in range(0, len(txt_rows), batch_size):
+            tokens = data.tokens[txt_rows[s : s + batch_size]].to(device, non_blocking=True)
+            with _autocast(device, precision):
+                feats = model.encode_text(tokens)
+            txt_feats[s : s + len(tokens)] = F.normalize(feats.float(), dim=-1).cpu()
+    finally:
+        model.train(was_training)
+        if was_training:
+            freeze_locked_batchnorm(model)
+    good_image = ok.numpy()[image_ids]  # image_ids are 0..I-1 in order of first appearance == sorted keys
+    groups = {k: v & good_image for k, v in post_groups(data.table).items()}
+    metrics = retrieval_metrics(img_feats.numpy(), txt_feats.numpy(), image_ids, text_ids, groups)
+    return metrics, int((~good_image).sum())
+
+
+# ================================================================================================= fine_tune
+def fine_tune(
+    model: ClipModel,
+    train_posts: Any,
+    config: FineTuneConfig | None = None,
+    eval_posts: Any | None = None,
+    on_step: Callable[[StepInfo], Any] | None = None,
+    on_eval: Callable[[EvalInfo], Any] | None = None,
+    resume_from: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    stop_event: threading.Event | None = None,
+) -> FineTuneResult:
+    """Fine-tune a CLIP model contrastively on the image-text pairs of a posts table (C-CLIP).
+
+    The model is trained in place (symmetric InfoNCE with a learnable temperature, AdamW, warm-up + cosine
+    schedule) and returned in the result. Under ``torchrun`` the same call trains with DistributedDataParallel,
+    negatives spanning the global batch; only rank 0 writes files and calls the callbacks.
+
+    Parameters
+    ----------
+    model
+        The :class:`~ccclip_widgets.models.ClipModel` to train (from :func:`~ccclip_widgets.models.load_model`).
+    train_posts
+        A :class:`~ccclip_widgets.posts.Posts` (every row is a training pair).
+    config
+        A :class:`FineTuneConfig` (default: ``FineTuneConfig()``).
+    eval_posts
+        Held-out posts scored during training (recall@1/5/10 and median rank, both directions, per caption kind
+        and language) and used for early stopping.
+    on_step
+        Called with a :class:`StepInfo` after every optimizer step (for live plots); it may set ``stop_event``.
+    on_eval
+        Called with an :class:`EvalInfo` after every evaluation.
+    resume_from
+        A ``checkpoint-N`` folder, or an output folder (its newest checkpoint): training continues exactly where
+        it stopped (weights, optimizer, schedule, RNG, data position). The model passed in must have the same
+        architecture (and, for LoRA, the same base weights).
+    out_dir
+        Folder for checkpoints, ``best/``, ``final/`` and ``run.json`` (default: the folder holding
+        ``resume_from``; ``None`` without it: nothing is written).
+    stop_event
+        Set it (e.g. from a widget's Stop button) to end training after the current step; a resumable checkpoint
+        is written first when ``out_dir`` is set.
+
+    Returns
+    -------
+    FineTuneResult
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 usable posts, an empty text, an impossible config, or a checkpoint that does not fit.
+    TrainingDivergedError
+        The loss became NaN/inf more often than ``max_nan_tolerance`` allows (names the step and the last good
+        checkpoint).
+    TrainingOutOfMemoryError
+        CUDA ran out of memory (the message suggests a smaller batch, gradient checkpointing, accumulation).
+
+    Notes
+    -----
+    If the training set has fewer usable posts than ``batch_size``, the batch is shrunk to the data size (rounded
+    down to a multiple of the number of processes) with a warning. Images that fail to decode are skipped and
+    listed in ``result.skipped``. With LoRA and ``merge_at_end`` the adapters are merged at the end, so the
+    returned model is a plain open_clip model; if training fails, the adapters are removed again and the model is
+    as it was.
+    """
+    config = config or FineTuneConfig()
+    if not isinstance(config, FineTuneConfig):
+        raise TypeError(f"config must be a FineTuneConfig, got {type(config).__name__}")
+    if not isinstance(model, ClipModel):
+        raise TypeError(f"model must be a ClipModel (from load_model), got {type(model).__name__}")
+    trainer = _Trainer(model, config, on_step, on_eval, stop_event)
+    return trainer.run(train_posts, eval_posts, resume_from, out_dir)
+
+
+class _Trainer:
+    """State of one fine-tuning run (kept out of the public API)."""
+
+    def __init__(
+        self,
+        clip: ClipModel,
+        config: FineTuneConfig,
+        on_step: Callable[[StepInfo], Any] | None,
+        on_eval: Callable[[EvalInfo], Any] | None,
+        stop_event: threading.Event | None,
+    ) -> None:
+        self.clip = clip
+        self.config = config
+        self.on_step = on_step
+        self.on_eval = on_eval
+        self.stop_event = stop_event
+        self.lora: LoraHandle | None = None
+        self.history: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.bad_evals = 0
+        self.nan_count = 0
+        self.failures: dict[str, str] = {}
+        self.last_checkpoint: Path | None = None
+        self.best_dir: Path | None = None
+        self.out: Path | None = None
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _setup_distributed(self) -> DistInfo:
+        info = init_distributed(self.clip.device.type)
+        if info.enabled and self.clip.device.type == "cuda":
+            want = torch.device("cuda", info.local_rank)
+            if self.clip.device != want:
+                self.clip.to(want)
+        return info
+
+    def _batch_size(self, n: int, world: int) -> int:
+        b = self.config.batch_size
+        if b % world:
+            raise ValueError(f"batch_size {b} must be a multiple of the number of processes ({world})")
+        if n < 2:
+            raise ValueError(
+                f"Fine-tuning needs at least 2 usable training posts (pairs are contrasted with each other); got {n}"
+                + (f" ({len(self.failures)} skipped: see the warnings)" if self.failures else "")
+                + "."
+            )
+        if b > n:
+            shrunk = (n // world) * world
+            if shrunk < 2 or shrunk // world < 1:
+                raise ValueError(
+                    f"The {n} usable training posts cannot be split into a batch of at least 2 pairs over {world} "
+                    "processes; add posts or use fewer processes."
+                )
+            warnings.warn(
+                f"batch_size={b} is larger than the {n} usable training posts; using batch_size={shrunk} "
+                "(every epoch is one batch). Set batch_size <= the number of posts to silence this.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return shrunk
+        return b
+
+    def _make_trainable(self) -> dict[str, int]:
+        model = self.clip.model
+        if self.config.lora is not None:
+            torch.manual_seed(self.config.seed)
+            self.lora = inject_lora(model, self.config.lora)
+            if "logit_scale" in dict(model.named_parameters()):
+                model.logit_scale.requires_grad_(self.config.train_logit_scale)
+            counts = {"image": 0, "text": 0, "other": 0}
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    tower = (
+                        "image"
+                        if name.startswith("visual.")
+                        else "other"
+                        if name == "logit_scale"
+                        else "text"
+                    )
+                    counts[tower] += p.numel()
+            counts["total"] = sum(counts.values())
+        else:
+            counts = apply_trainable(model, self.config)
+        if counts["total"] == 0:
+            raise ValueError("Nothing to train: the config freezes every parameter")
+        logit_bias = getattr(model, "logit_bias", None)
+        if isinstance(logit_bias, nn.Parameter):
+            logit_bias.requires_grad_(False)  # unused by InfoNCE (a constant shift of all logits)
+        return counts
+
+    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, p in self.clip.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if _no_decay(name, p) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        kwargs: dict[str, Any] = {
+            "lr": lr,
+            "betas": tuple(self.config.adam_betas),
+            "eps": self.config.adam_eps,
+        }
+        if self.clip.device.type == "cuda":
+            kwargs["fused"] = True
+        return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        model = self.clip.model
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        names |= {n for n, _ in model.named_buffers()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        target = self.clip.model.state_dict()
+        with torch.no_grad():
+            for k, v in state.items():
+                target[k].copy_(v.to(target[k].dtype))
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(
+        self,
+        train_posts: Any,
+        eval_posts: Any | None,
+        resume_from: str | os.PathLike[str] | None,
+        out_dir: str | os.PathLike[str] | None,
+    ) -> FineTuneResult:
+        cfg = self.config
+        clip = self.clip
+        dist = self._setup_distributed()
+        self.dist = dist
+        device = clip.device
+        precision = _resolve_precision(cfg.precision, device)
+        self.precision = precision
+
+        train = prepare_posts(train_posts, clip, role="training")
+        for s in train.skipped:
+            self.failures[s["post_id"]] = f"{s['reason']}: {s['detail']}"
+        if train.n_truncated and dist.is_main:
+            log.info(
+                "%d training texts are longer than the model's context and are truncated", train.n_truncated
+            )
+        batch = self._batch_size(len(train), dist.world_size)
+        eval_data = prepare_posts(eval_posts, clip, role="evaluation") if eval_posts is not None else None
+        if eval_data is not None and len(eval_data) == 0:
+            warnings.warn(
+                "eval_posts holds no usable post; training runs without evaluation", UserWarning, stacklevel=3
+            )
+            eval_data = None
+        if eval_data is None and cfg.early_stopping_metric is not None:
+            warnings.warn(
+                f"early_stopping_metric={cfg.early_stopping_metric!r} needs eval_posts; early stopping is off",
+                UserWarning,
+                stacklevel=3,
+            )
+
+        resume_dir = None
+        if resume_from is not None:
+            resume_dir = ckpt.find_checkpoint(resume_from)
+            if resume_dir is None:
+                raise FileNotFoundError(
+                    f"No resumable checkpoint (checkpoint-N/{ckpt.TRAINER_STATE}) in {resume_from}"
+                )
+            if out_dir is None:
+                out_dir = resume_dir.parent
+        self.out = Path(out_dir) if out_dir is not None else None
+        if self.out is not None and dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+        base = {"spec": clip.spec, "name": clip.name, "fingerprint": clip.fingerprint}
+        state = ckpt.load_trainer_state(resume_dir) if resume_dir is not None else None
+        if state is not None:
+            self._check_resume(state, train, base)
+            base = dict(state.get("base", base))
+
+        saved_flags = {n: p.requires_grad for n, p in clip.model.named_parameters()}
+        saved_gc = cfg.grad_checkpointing
+        self.base = base
+        self.train = train
+        self.batch = batch
+        try:
+            counts = self._make_trainable()
+            if cfg.grad_checkpointing:
+                clip.model.set_grad_checkpointing(True)
+            channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+            if channels_last:
+                clip.model.to(memory_format=torch.channels_last)
+            self.channels_last = channels_last
+            if state is not None:
+                if self.lora is not None:
+                    load_adapter(resume_dir, clip.model, self.lora)  # type: ignore[arg-type]
+                else:
+                    ckpt.load_full_weights(resume_dir, clip.model)  # type: ignore[arg-type]
+            optimizer = self._optimizer(cfg.resolved_lr)
+            scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+            if state is not None:
+                optimizer.load_state_dict(state["optimizer"])
+                if state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
+            result = self._loop(train, eval_data, optimizer, scaler, state, counts)
+        except BaseException as exc:
+            if self.lora is not None:  # give the model back as it came: without the half-trained adapters
+                with contextlib.suppress(Exception):
+                    self.lora.unload()
+                self.lora = None
+            if isinstance(exc, torch.cuda.OutOfMemoryError) and not isinstance(exc, TrainingOutOfMemoryError):
+                raise _oom_error(exc, cfg, batch, dist.world_size) from exc
+            raise
+        finally:
+            model = clip.model
+            if saved_gc:
+                with contextlib.suppress(Exception):
+                    model.set_grad_checkpointing(False)
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved_flags.get(n, True))
+            model.eval()
+            clip.invalidate_fingerprint()
+        return result
+
+    def _check_resume(self, state: dict[str, Any], train: PreparedPosts, base: dict[str, Any]) -> None:
+        saved = state.get("config", {})
+        now = self.config.to_dict()
+        if state.get("data_fingerprint") != train.fingerprint:
+            raise ValueError(
+                "resume_from: the checkpoint was trained on other posts (data fingerprint "
+                f"{state.get('data_fingerprint')} != {train.fingerprint}). Resume with the same training posts in "
+                "the same order, or start a new run."
+            )
+        structural = [k for k in _STRUCTURAL if saved.get(k) != now.get(k)]
+        if structural:
+            raise ValueError(
+                f"resume_from: the checkpoint was trained with other settings for {structural} "
+                f"(checkpoint: {[saved.get(k) for k in structural]}, now: {[now.get(k) for k in structural]}); "
+                "these decide which weights train, so the run cannot continue with different values."
+            )
+        changed = [k for k in _EXACTNESS if saved.get(k) != now.get(k)]
+        if changed:
+            warnings.warn(
+                f"Resuming with changed settings {changed}; the run continues but will not match an "
+                "uninterrupted one.",
+                UserWarning,
+                stacklevel=5,
+            )
+        saved_base = state.get("base", {})
+        if self.config.lora is not None and saved_base.get("fingerprint") not in (None, base["fingerprint"]):
+            raise ValueError(
+                "resume_from: LoRA adapters must continue on the same base weights, but the model given "
+                f"({base['spec']}, fingerprint {base['fingerprint']}) differs from the run's base "
+                f"({saved_base.get('spec')}, fingerprint {saved_base.get('fingerprint')})."
+            )
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def _loop(
+        self,
+        train: PreparedPosts,
+        eval_data: PreparedPosts | None,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        state: dict[str, Any] | None,
+        counts: dict[str, int],
+    ) -> FineTuneResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        clip = self.clip
+        dist = self.dist
+        device = clip.device
+        batch = self.batch
+        n = len(train)
+        accum = cfg.grad_accum_steps
+        n_batches = n // batch
+        steps_per_epoch = math.ceil(n_batches / accum)
+        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        self.total = total
+        workers = cfg.num_workers if cfg.num_workers is not None else default_train_workers(device, n)
+        dataset = PairDataset(
+            train.sources,
+            clip.image_size,
+            clip.preprocess,
+            clip.preprocess_cfg,
+            augment=cfg.augment,
+            seed=cfg.seed,
+        )
+        loss_fn = ClipLoss(rank=dist.rank, world_size=dist.world_size)
+        wrapper: nn.Module = _DualEncoder(clip.model)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            wrapper = DistributedDataParallel(wrapper, device_ids=ids)
+        forward = torch.compile(wrapper) if cfg.compile else wrapper
+        params = [p for p in clip.model.parameters() if p.requires_grad]
+
+        step, epoch, batch_in_epoch = 0, 0, 0
+        elapsed_before = 0.0
+        samples_before = 0
+        if state is not None:
+            step, epoch, batch_in_epoch = (
+                int(state["step"]),
+                int(state["epoch"]),
+                int(state["batch_in_epoch"]),
+            )
+            self.history = list(state.get("history", []))
+            self.eval_history = list(state.get("eval_history", []))
+            best = state.get("best", {})
+            self.best_value = best.get("value")
+            self.best_step = best.get("step")
+            self.bad_evals = int(best.get("bad_evals", 0))
+            self.best_metrics = dict(best.get("metrics", {}))
+            self.nan_count = int(state.get("nan_count", 0))
+            for pid, reason in state.get("failures", []):
+                self.failures.setdefault(pid, reason)
+            elapsed_before = float(state.get("elapsed_s", 0.0))
+            samples_before = int(state.get("samples_seen", 0))
+            if self.out is not None and (self.out / "best").is_dir():
+                self.best_dir = self.out / "best"
+            ckpt.restore_rng(state["rng"])
+        else:
+            torch.manual_seed(cfg.seed)
+
+        clip.model.train()
+        freeze_locked_batchnorm(clip.model)
+        t_start = time.perf_counter()
+        samples = 0
+        show = cfg.show_progress and dist.is_main
+        pbar = tqdm(
+            total=total, initial=step, desc="fine-tune", unit="step", disable=not show, dynamic_ncols=True
+        )
+        stopped = "finished"
+        try:
+            if eval_data is not None and cfg.eval_at_start and step == 0 and not self.eval_history:
+                self._evaluate(eval_data, step, epoch)
+            if batch_in_epoch >= n_batches:
+                epoch, batch_in_epoch = epoch + 1, 0
+            sampler = RunBatchSampler(n, batch, cfg.seed, epoch, batch_in_epoch, dist.rank, dist.world_size)
+            loader = make_loader(
+                dataset,
+                sampler,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+                seed=cfg.seed,
+                collate_fn=PairCollate(train.tokens, train.image_ids, train.text_ids),
+            )
+            batches = iter(loader)
+            while step < total:
+                if batch_in_epoch >= n_batches:
+                    epoch += 1
+                    batch_in_epoch = 0
+                stop_now = False
+                while batch_in_epoch < n_batches and step < total:
+                    t0 = time.perf_counter()
+                    group = min(accum, n_batches - batch_in_epoch)
+                    loss_acc = torch.zeros((), device=device)
+                    for micro in range(group):
+                        rows, pixels, valid, reasons, tokens, img_ids, txt_ids = next(batches)
+                        batch_in_epoch += 1
+                        if any(reasons):
+                            for r, why in zip(rows.tolist(), reasons, strict=True):
+                                if why:
+                                    self.failures.setdefault(str(train.table["post_id"][r]), why)
+                        # every tensor comes pinned from the loader: these copies do not wait for the GPU
+                        pixels = pixels.to(device, non_blocking=True)
+                        if self.channels_last:
+                            pixels = pixels.contiguous(memory_format=torch.channels_last)
+                        tokens = tokens.to(device, non_blocking=True)
+                        sync = contextlib.nullcontext()
+                        if dist.enabled and micro < group - 1:
+                            sync = wrapper.no_sync()  # type: ignore[operator]
+                        with sync:
+                            with _autocast(device, self.precision):
+                                img_f, txt_f, scale = forward(pixels, tokens)
+                            loss = loss_fn(
+                                img_f,
+                                txt_f,
+                                scale,
+                                valid=valid.to(device, non_blocking=True),
+                                image_ids=img_ids.to(device, non_blocking=True)
+                                if cfg.mask_duplicates
+                                else None,
+                                text_ids=txt_ids.to(device, non_blocking=True)
+                                if cfg.mask_duplicates
+                                else None,
+                            )
+                            scaler.scale(loss / group).backward()
+                        loss_acc += loss.detach() / group
+                    samples += batch * group
+                    step_lr = cfg.lr_at(step, total)
+                    norm = None
+                    if cfg.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    # the one host-device sync of a step: the loss (and gradient norm), before the update
+                    # the one host-device sync of a step: loss, temperature (and gradient norm), before the update
+                    readings = [mean_across_ranks(loss_acc), clip.model.logit_scale.detach().float().exp()]
+                    if norm is not None:
+                        readings.append(norm.detach().float())
+                    values = torch.stack([r.reshape(()).to(device) for r in readings]).tolist()
+                    loss_sum, scale_now = values[0], values[1]
+                    grad_norm = values[2] if norm is not None else None
+                    bad_loss = None if math.isfinite(loss_sum) else loss_sum
+                    if bad_loss is None and grad_norm is not None and not math.isfinite(grad_norm):
+                        if self.precision != "fp16":  # fp16 overflow is the scaler's business (it skips)
+                            bad_loss = grad_norm
+                    if bad_loss is None:
+                        for g in optimizer.param_groups:
+                            g["lr"] = step_lr
+                        scaler.step(optimizer)
+                        scaler.update()
+                        if getattr(clip.model, "logit_scale", None) is not None:
+                            with torch.no_grad():
+                                clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    if bad_loss is not None:
+                        self.nan_count += 1
+                        if self.nan_count > cfg.max_nan_tolerance:
+                            found = ckpt.list_checkpoints(self.out) if self.out is not None else []
+                            last = found[-1] if found else None
+                            if self.out is not None and dist.is_main:
+                                self._write_run_file("diverged", step, last)
+                            raise TrainingDivergedError(step, bad_loss, last, self.nan_count)
+                        warnings.warn(
+                            f"Non-finite loss ({bad_loss}) at step {step}; step skipped "
+                            f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                    dt = time.perf_counter() - t0
+                    info = StepInfo(
+                        step=step,
+                        total_steps=total,
+                        epoch=epoch,
+                        loss=loss_sum if bad_loss is None else float("nan"),
+                        lr=step_lr,
+                        logit_scale=scale_now,
+                        samples_per_s=batch * group / dt if dt > 0 else float("nan"),
+                        grad_norm=grad_norm,
+                        skipped=bad_loss is not None,
+                        elapsed_s=elapsed_before + time.perf_counter() - t_start,
+                    )
+                    self.history.append(dataclasses.asdict(info))
+                    pbar.update(1)
+                    if show:
+                        pbar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+                    user_stop = False
+                    if dist.is_main and self.on_step is not None:
+                        self.on_step(info)
+                    if self.stop_event is not None and self.stop_event.is_set():
+                        user_stop = True
+                    user_stop = broadcast_flag(user_stop, device)
+
+                    epoch_end = batch_in_epoch >= n_batches
+                    every = cfg.eval_every_steps
+                    want_eval = eval_data is not None and (
+                        (every > 0 and step % every == 0) or (every == 0 and epoch_end) or step == total
+                    )
+                    early = False
+                    if want_eval:
+                        early = self._evaluate(eval_data, step, epoch)  # type: ignore[arg-type]
+                    early = broadcast_flag(early, device)
+
+                    periodic = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
+                    if self.out is not None and (periodic or user_stop or early or step == total):
+                        self._checkpoint(
+                            optimizer, scaler, step, epoch, batch_in_epoch, samples_before + samples, t_start
+                        )
+                    if user_stop:
+                        stopped = "user"
+                    elif early:
+                        stopped = "early_stopping"
+                    if stopped != "finished":
+                        stop_now = True
+                        break
+                if stop_now:
+                    break
+        finally:
+            pbar.close()
+            with contextlib.suppress(Exception):
+                del batches  # stops the worker processes now rather than at garbage collection
+        elapsed = time.perf_counter() - t_start
+        return self._finish(stopped, step, epoch, samples, elapsed, elapsed_before, eval_data, counts)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, data: PreparedPosts, step: int, epoch: int) -> bool:
+        """Evaluate on rank 0; returns True when early stopping says stop (only meaningful on rank 0)."""
+        if not self.dist.is_main:
+            return False
+        cfg = self.config
+        workers = (
+            cfg.num_workers
+            if cfg.num_workers is not None
+            else default_train_workers(self.clip.device, len(data))
+        )
+        metrics, n_failed = evaluate_in_memory(
+            self.clip, data, batch_size=cfg.eval_batch_size, num_workers=workers, precision=self.precision
+        )
+        if n_failed:
+            metrics["n_eval_images_failed"] = float(n_failed)
+        is_best = False
+        stop = False
+        name = cfg.early_stopping_metric
+        if name is not None:
+            if name not in metrics:
+                known = sorted(k for k in metrics if k.startswith(name.split("/")[0]))
+                raise ValueError(
+                    f"early_stopping_metric {name!r} is not among the evaluation metrics; available: {known[:40]}"
+                )
+            value = metrics[name]
+            better = self.best_value is None or (
+                value > self.best_value if cfg.early_stopping_direction == "max" else value < self.best_value
+            )
+            if better and math.isfinite(value):
+                self.best_value, self.best_step, self.bad_evals = value, step, 0
+                self.best_metrics = dict(metrics)
+                is_best = True
+                self.best_state = self._trainable_state()
+                if self.out is not None:
+                    self._write_best(step, metrics)
+            elif step > 0:
+                self.bad_evals += 1
+                stop = self.bad_evals >= cfg.early_stopping_patience
+        self.eval_history.append({"step": step, "epoch": epoch, **metrics})
+        if self.on_eval is not None:
+            self.on_eval(
+                EvalInfo(
+                    step, epoch, metrics, metrics_frame(metrics), is_best=is_best, best_value=self.best_value
+                )
+            )
+        return stop
+
+    # ------------------------------------------------------------------------------------------- saving
+    def _training_meta(
+        self, step: int, epoch: int, metrics: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        return {
+            "training": {
+                "config": self.config.to_dict(),
+                "step": step,
+                "total_steps": self.total,
+                "epoch": epoch,
+                "batch_size": self.batch,
+                "metrics": metrics
+                if metrics is not None
+                else (self.eval_history[-1] if self.eval_history else {}),
+                "data_fingerprint": self.train.fingerprint,
+                "n_train_posts": len(self.train),
+                "base_model": self.base,
+                "hardware": _hardware(self.clip.device, self.dist.world_size),
+            }
+        }
+
+    def _provenance(self) -> dict[str, Any]:
+        return {
+            "source": "ccclip_widgets.train.fine_tune",
+            "base_spec": self.base.get("spec"),
+            "base_fingerprint": self.base.get("fingerprint"),
+            "base_provenance": self.clip.provenance,
+        }
+
+    def _model_writer(self, meta: dict[str, Any], adapter: dict[str, torch.Tensor] | None = None) -> Callable:
+        def write(tmp: Path) -> None:
+            if self.lora is not None:
+                state = adapter if adapter is not None else adapter_state(self.clip.model, self.lora)
+                save_adapter(tmp, state, self.lora, base=self.base, extra=meta)
+            else:
+                self.clip.invalidate_fingerprint()
+                ckpt.save_model_into(tmp, self.clip, provenance=self._provenance(), extra=meta)
+
+        return write
+
+    def _checkpoint(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        step: int,
+        epoch: int,
+        batch_in_epoch: int,
+        samples_seen: int,
+        t_start: float,
+    ) -> None:
+        if self.dist.is_main and self.out is not None:
+            state = {
+                "format_version": 1,
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "rng": ckpt.capture_rng(),
+                "config": self.config.to_dict(),
+                "data_fingerprint": self.train.fingerprint,
+                "base": self.base,
+                "history": self.history,
+                "eval_history": self.eval_history,
+                "best": {
+                    "metric": self.config.early_stopping_metric,
+                    "value": self.best_value,
+                    "step": self.best_step,
+                    "bad_evals": self.bad_evals,
+                    "metrics": self.best_metrics,
+                },
+                "nan_count": self.nan_count,
+                "failures": [[k, v] for k, v in self.failures.items()],
+                "batch_size": self.batch,
+                "world_size": self.dist.world_size,
+                "samples_seen": samples_seen,
+                "elapsed_s": float(self.history[-1]["elapsed_s"]) if self.history else 0.0,
+            }
+            folder = self.out / ckpt.checkpoint_name(step)
+            ckpt.write_folder(folder, self._model_writer(self._training_meta(step, epoch)), state)
+            self.last_checkpoint = folder
+            ckpt.prune_checkpoints(self.out, self.config.keep_checkpoints)
+            self._write_run_file("running", step, folder)
+        barrier()
+
+    def _write_best(self, step: int, metrics: dict[str, float]) -> None:
+        assert self.out is not None
+        folder = self.out / "best"
+        meta = self._training_meta(step, -1, metrics)
+        meta["training"]["best"] = {"metric": self.config.early_stopping_metric, "value": self.best_value}
+        ckpt.write_folder(folder, self._model_writer(meta))
+        self.best_dir = folder
+
+    def _write_run_file(self, status: str, step: int, latest: Path | None, final: Path | None = None) -> None:
+        assert self.out is not None
+        ckpt.write_run_file(
+            self.out,
+            {
+                "status": status,
+                "step": step,
+                "total_steps": getattr(self, "total", None),
+                "latest_checkpoint": latest.name if latest is not None else None,
+                "best": None
+                if self.best_value is None
+                else {
+                    "dir": "best",
+                    "metric": self.config.early_stopping_metric,
+                    "value": self.best_value,
+                    "step": self.best_step,
+                },
+                "final": final.name if final is not None else None,
+                "data_fingerprint": self.train.fingerprint,
+                "config": self.config.to_dict(),
+            },
+        )
+
+    # ------------------------------------------------------------------------------------------- the end
+    def _finish(
+        self,
+        stopped: str,
+        step: int,
+        epoch: int,
+        samples: int,
+        elapsed: float,
+        elapsed_before: float,
+        eval_data: PreparedPosts | None,
+        counts: dict[str, int],
+    ) -> FineTuneResult:
+        cfg = self.config
+        clip = self.clip
+        final_metrics = dict(self.eval_history[-1]) if self.eval_history else {}
+        restored = False
+        if stopped != "user" and cfg.restore_best and self.best_step is not None and self.best_step != step:
+            if self.best_state is not None:
+                self._load_state(self.best_state)
+                restored = True
+            elif self.best_dir is not None:  # resumed run: the best weights are on disk
+                if self.lora is not None:
+                    load_adapter(self.best_dir, clip.model, self.lora)
+                else:
+                    ckpt.load_full_weights(self.best_dir, clip.model)
+                restored = True
+            if restored:
+                final_metrics = dict(self.best_metrics)
+        final_metrics = {k: v for k, v in final_metrics.items() if k not in ("step", "epoch")}
+
+        final_dir = None
+        merged = False
+        adapter = adapter_state(clip.model, self.lora) if self.lora is not None else None
+        if self.lora is not None and stopped != "user" and self.lora.settings.merge_at_end:
+            self.lora.merge()
+            merged = True
+        if self.dist.is_main and self.out is not None and stopped != "user":
+            final_dir = self.out / "final"
+            meta = self._training_meta(step, epoch, final_metrics)
+            meta["training"]["stopped"] = stopped
+            meta["training"]["restored_best_from_step"] = self.best_step if restored else None
+            if self.lora is not None and not merged:
+                ckpt.write_folder(final_dir, self._model_writer(meta, adapter))
+            else:
+                lora = self.lora
+
+                def write_final(tmp: Path) -> None:
+                    clip.invalidate_fingerprint()
+                    ckpt.save_model_into(tmp, clip, provenance=self._provenance(), extra=meta)
+                    if lora is not None and adapter is not None:
+                        (tmp / "adapter").mkdir()
+                        save_adapter(tmp / "adapter", adapter, lora, base=self.base, extra=meta)
+
+                ckpt.write_folder(final_dir, write_final)
+            self._write_run_file(stopped, step, self.last_checkpoint, final_dir)
+        elif self.dist.is_main and self.out is not None:
+            self._write_run_file("stopped", step, self.last_checkpoint)
+        barrier()
+        if merged:
+            self.lora = None
+
+        skipped = self._gather_failures()
+        if skipped.height and self.dist.is_main:
+            reasons = skipped.group_by("reason").len().sort("len", descending=True)
+            listing = ", ".join(f"{r}: {k}" for r, k in zip(reasons["reason"], reasons["len"], strict=True))
+            warnings.warn(
+                f"{skipped.height} training post(s) were skipped ({listing}); see result.skipped",
+                UserWarning,
+                stacklevel=4,
+            )
+        total_time = elapsed_before + elapsed
+        return FineTuneResult(
+            model=clip,
+            config=cfg,
+            steps=step,
+            total_steps=self.total,
+            stopped=stopped,
+            history=self.history,
+            eval_history=self.eval_history,
+            final_metrics=final_metrics,
+            best_metric=self.best_value,
+            best_step=self.best_step,
+            output_dir=self.out,
+            final_dir=final_dir,
+            best_dir=self.best_dir,
+            last_checkpoint=self.last_checkpoint,
+            skipped=skipped,
+            data_fingerprint=self.train.fingerprint,
+            trainable_params=counts,
+            batch_size=self.batch,
+            elapsed_s=total_time,
+            samples_per_s=samples / elapsed if elapsed > 0 else float("nan"),
+        )
+
+    def _gather_failures(self) -> pl.DataFrame:
+        items = list(self.failures.items())
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            gathered: list[Any] = [None] * self.dist.world_size
+            tdist.all_gather_object(gathered, items)
+            merged: dict[str, str] = {}
+            for part in gathered:
+                for k, v in part or []:
+                    merged.setdefault(k, v)
+            items = list(merged.items())
+        if not items:
+            return pl.DataFrame(schema=_SKIP_SCHEMA)
+        reasons = [v.split(":", 1) for _, v in items]
+        return pl.DataFrame(
+            {
+                "post_id": [k for k, _ in items],
+                "reason": [r[0].strip() for r in reasons],
+                "detail": [r[1].strip() if len(r) > 1 else "" for r in reasons],
+            },
+            schema=_SKIP_SCHEMA,
+        )
