@@ -282,6 +282,7 @@ def embed_posts(
     num_workers: int | None = None,
     part_size: int = 2048,
     show_progress: bool = True,
+    decode: str = "auto",
 ) -> Embeddings:
     """Embed every post's image and text, reusing and filling an on-disk store.
 
@@ -303,6 +304,10 @@ def embed_posts(
         Vectors per stored part: at most this much work is lost when interrupted.
     show_progress
         Show tqdm progress bars (notebook widgets in Jupyter, text in terminals).
+    decode
+        ``"auto"``: JPEGs are decoded in batches on the GPU (nvJPEG) when the model is on CUDA, else with PIL
+        in worker processes; ``"gpu"`` forces the batched pipeline, ``"cpu"`` forces PIL workers
+        (see :mod:`ccclip_widgets.gpu_decode`).
 
     Returns
     -------
@@ -350,7 +355,9 @@ def embed_posts(
     # ---- images
     failures: dict[str, str] = {}
     if len(mine_i):
-        failures = _embed_images(model, mine_i, store, batch_size, num_workers, part_size, show_progress)
+        failures = _embed_images(
+            model, mine_i, store, batch_size, num_workers, part_size, show_progress, decode
+        )
     _barrier()
     if world > 1:
         failures = _gather_failures(failures)
@@ -434,6 +441,7 @@ def _embed_images(
     num_workers: int | None,
     part_size: int,
     show_progress: bool,
+    decode: str = "auto",
 ) -> dict[str, str]:
     sources: list[Any] = [
         p if p is not None else b for p, b in zip(todo["image_path"].to_list(), todo["image_bytes"].to_list())
@@ -442,17 +450,21 @@ def _embed_images(
     if batch_size is None:
         batch_size = 256 if model.device.type == "cuda" else 32
     workers = default_num_workers(model.device, len(sources)) if num_workers is None else num_workers
-    ds = _ImageDataset(sources, model.preprocess, model.image_size)
-    loader = DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=model.device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
+    from .gpu_decode import iter_decoded_batches, use_device_decode
+
+    if use_device_decode(decode, model.device):
+        loader: Any = iter_decoded_batches(model, sources, batch_size=batch_size, num_workers=workers)
+    else:
+        loader = DataLoader(
+            _ImageDataset(sources, model.preprocess, model.image_size),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=model.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
     failures: dict[str, str] = {}
     buf_keys: list[str] = []
     buf_vecs: list[np.ndarray] = []
@@ -464,7 +476,7 @@ def _embed_images(
             if e:
                 failures[keys[i]] = e
         if ok.any():
-            vecs = _forward_images(model, pixels[torch.from_numpy(ok)])
+            vecs = _forward_images(model, pixels[torch.from_numpy(ok).to(pixels.device)])
             buf_keys.extend(keys[i] for i, good in zip(idx.tolist(), ok) if good)
             buf_vecs.append(vecs)
             n_buf += len(vecs)

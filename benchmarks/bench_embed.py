@@ -1,0 +1,880 @@
+"""End-to-end embedding throughput (posts/s) beside a naive loop and the forward-only ceiling, in one run.
+
+What it measures, on generated data (N JPEGs of 400 x 300 px, quality 90, plus a posts CSV of short
+social-media texts) with ViT-B-32 at 224 px and random weights:
+
+(a) naive loop: PIL open + open_clip preprocess in the main process, fp32, image and text forward one batch at a
+    time, no workers;
+(b) ``embed_posts`` end to end (fresh store each run), once per ``--decode`` choice;
+(c) forward-only ceiling: pixels already on the device and texts already tokenized, image + text forward in the
+    model's precision (bf16 autocast on GPU);
+(d) decode + preprocess only (no model), per decode choice;
+(e) image forward only and text forward only;
+(f) text preparation only (tokenize; count truncated texts), serial.
+
+During (b)-(e) on GPU it samples ``nvidia-smi`` every 200 ms (utilisation mean and p90, memory used).
+Results go to ``benchmarks/results/embed_<host-kind>.json`` and a markdown table is printed.
+
+Needs only ccclip_widgets (from this checkout, no install needed) and its runtime imports: torch, torchvision,
+numpy, pillow, polars, open_clip_torch (with ftfy, wcwidth, regex, tqdm). Examples::
+
+    python benchmarks/bench_embed.py --quick                  # smoke check (32 posts)
+    python benchmarks/bench_embed.py --n 256                  # 2-core CPU figures
+    python benchmarks/bench_embed.py                          # GPU: 8192 posts, decode gpu and cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REQUIRED = ("numpy", "PIL", "torch", "torchvision", "polars", "ftfy", "regex", "tqdm", "open_clip")
+
+WORDS = (
+    "lol this is so me when the coffee hits different on a monday again can't even tbh the vibes are immaculate "
+    "not me crying over a sandwich at 3am who did this absolutely iconic honestly nobody asked but here we are "
+    "my cat judging me again weekend mood finally home sunset was unreal today best day ever can we talk about "
+    "this why is nobody talking about it literally obsessed low key high key bestie said what she said "
+    "new haircut who dis rainy day vibes hot take pineapple belongs on pizza fight me deadline tomorrow send help "
+    "grandma's recipe never fails road trip playlist is ready the view from up here okay but look at this"
+).split()
+EMOJI = ("😂", "🔥", "✨", "😭", "🙌", "💀", "❤️", "👀", "🤷", "🌅")
+TAGS = (
+    "#mood",
+    "#tbt",
+    "#foodie",
+    "#nofilter",
+    "#weekend",
+    "#catsofinstagram",
+    "#travel",
+    "#ootd",
+    "#relatable",
+)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def preflight() -> None:
+    """Fail early, with the list of what to install, when a runtime import is missing."""
+    missing = []
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a broken install
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+    if missing:
+        sys.exit("bench_embed.py: missing runtime modules: " + "; ".join(missing))
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(items: int, seconds: float) -> float:
+    return round(items / seconds, 1) if seconds > 0 else float("nan")
+
+
+def _rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest waited-for child (DataLoader workers)."""
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"self_peak_mb": round(self_kb / 1024, 1), "largest_child_peak_mb": round(child_kb / 1024, 1)}
+
+
+class GpuSampler:
+    """Samples GPU utilisation and memory with ``nvidia-smi -lms`` in a background process.
+
+    Parameters
+    ----------
+    gpu_index
+        The physical GPU index to query.
+    interval_ms
+        Sampling interval.
+    """
+
+    def __init__(self, gpu_index: int | None, interval_ms: int = 200) -> None:
+        self.gpu_index = gpu_index
+        self.interval_ms = interval_ms
+        self.samples: list[tuple[float, float]] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        exe = shutil.which("nvidia-smi")
+        if exe is None or self.gpu_index is None:
+            return self
+        cmd = [
+            exe,
+            "--query-gpu=utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+            f"--loop-ms={self.interval_ms}",
+            f"--id={self.gpu_index}",
+        ]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        time.sleep(0.3)  # let nvidia-smi start before the measured work
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                self.samples.append((float(parts[0]), float(parts[1])))
+            except (ValueError, IndexError):
+                continue
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+
+    def summary(self) -> dict[str, Any] | None:
+        """Mean and p90 utilisation (%), max memory used (MiB), sample count; None when not sampled."""
+        if not self.samples:
+            return None
+        import numpy as np
+
+        util = np.array([s[0] for s in self.samples])
+        mem = np.array([s[1] for s in self.samples])
+        return {
+            "util_mean_pct": round(float(util.mean()), 1),
+            "util_p90_pct": round(float(np.percentile(util, 90)), 1),
+            "mem_used_max_mib": round(float(mem.max()), 0),
+            "samples": len(self.samples),
+        }
+
+
+def _gpu_index(device: Any) -> int | None:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",")]
+        if idx < len(ids) and ids[idx].isdigit():
+            return int(ids[idx])
+        return None  # UUIDs or MIG names: cannot map to nvidia-smi's index safely
+    return idx
+
+
+@contextlib.contextmanager
+def measured(device: Any, sample_gpu: bool = False) -> Iterator[dict[str, Any]]:
+    """Time a block (device synchronised), with peak GPU memory and optional nvidia-smi sampling."""
+    import torch
+
+    rec: dict[str, Any] = {}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    sampler = GpuSampler(_gpu_index(device) if (cuda and sample_gpu) else None)
+    with sampler:
+        t0 = time.perf_counter()
+        yield rec
+        _sync(device)
+        rec["seconds"] = round(time.perf_counter() - t0, 4)
+    if cuda:
+        rec["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    gpu = sampler.summary()
+    if gpu is not None:
+        rec["gpu"] = gpu
+
+
+# --------------------------------------------------------------------------------------------- data
+def _noise(rng: Any, cells: int, h: int, w: int, ch: int) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    grid = rng.normal(0, 1, (max(2, cells * h // w) + 2, cells + 2, ch)).astype(np.float32)
+    out = np.empty((h, w, ch), np.float32)
+    for c in range(ch):
+        out[..., c] = np.asarray(
+            Image.fromarray(grid[..., c], mode="F").resize((w, h), Image.Resampling.BICUBIC)
+        )
+    return out
+
+
+def make_photo(seed: int, width: int = 400, height: int = 300, quality: int = 90) -> bytes:
+    """A photo-like JPEG: smooth luminance and colour noise at several scales, a few shapes, blur, grain.
+
+    Parameters
+    ----------
+    seed
+        Random seed (same seed, same bytes).
+    width, height
+        Size in pixels.
+    quality
+        JPEG quality.
+
+    Returns
+    -------
+    bytes
+        The JPEG (about 30-60 KB at 400 x 300, quality 90).
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    h, w = height, width
+    lum = sum(_noise(rng, c, h, w, 1) * a for c, a in ((3, 45.0), (12, 22.0), (48, 10.0)))
+    chroma = sum(_noise(rng, c, h, w, 3) * a for c, a in ((2, 30.0), (8, 12.0)))
+    base = rng.uniform(70, 190, 3).astype(np.float32)
+    img = Image.fromarray((base + lum + chroma).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 7))):
+        x0, y0 = int(rng.integers(-50, w)), int(rng.integers(-50, h))
+        x1, y1 = x0 + int(rng.integers(20, 220)), y0 + int(rng.integers(20, 160))
+        colour = tuple(int(c) for c in rng.integers(20, 236, 3))
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            draw.ellipse([x0, y0, x1, y1], fill=colour)
+        elif kind == 1:
+            draw.rectangle([x0, y0, x1, y1], fill=colour)
+        else:
+            draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(2, 8)))
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.0))))
+    grain = rng.normal(0, float(rng.uniform(4.5, 10.0)), (h, w, 1)).astype(np.float32)
+    img = Image.fromarray((np.asarray(img, np.float32) + grain).clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_text(rng: Any) -> str:
+    """A short social-media caption (about 3% are long enough to be truncated at 77 tokens)."""
+    n = int(rng.integers(70, 110)) if rng.random() < 0.03 else int(rng.integers(3, 30))
+    words = [str(w) for w in rng.choice(WORDS, n)]
+    if rng.random() < 0.4:
+        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(EMOJI)))
+    if rng.random() < 0.3:
+        words.append(str(rng.choice(TAGS)))
+    if rng.random() < 0.15:
+        words.insert(0, f"@user{int(rng.integers(1, 10_000))}")
+    text = " ".join(words)
+    return text[0].upper() + text[1:]
+
+
+def _write_photo(job: tuple[str, int]) -> int:
+    path, seed = job
+    data = make_photo(seed)
+    Path(path).write_bytes(data)
+    return len(data)
+
+
+def generate_dataset(folder: Path, n: int, seed: int, processes: int) -> dict[str, Any]:
+    """Write ``n`` JPEGs and ``posts.csv`` (post_id, image, text, caption_kind, lang) into ``folder``."""
+    import numpy as np
+    import polars as pl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"img_{i:06d}.jpg" for i in range(n)]
+    jobs = [(str(folder / name), seed * 1_000_003 + i) for i, name in enumerate(names)]
+    t0 = time.perf_counter()
+    if processes > 1 and n >= 64:
+        with get_context("fork").Pool(processes) as pool:
+            sizes = pool.map(_write_photo, jobs, chunksize=16)
+    else:
+        sizes = [_write_photo(j) for j in jobs]
+    rng = np.random.default_rng(seed)
+    texts = [make_text(rng) for _ in range(n)]
+    pl.DataFrame(
+        {
+            "post_id": [f"p{i:06d}" for i in range(n)],
+            "image": names,
+            "text": texts,
+            "caption_kind": ["commentative"] * n,
+            "lang": ["en"] * n,
+        }
+    ).write_csv(folder / "posts.csv")
+    kb = np.array(sizes) / 1024
+    return {
+        "n": n,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "jpeg_kb_mean": round(float(kb.mean()), 1),
+        "jpeg_kb_p10": round(float(np.percentile(kb, 10)), 1),
+        "jpeg_kb_p90": round(float(np.percentile(kb, 90)), 1),
+        "text_words_mean": round(float(np.mean([len(t.split()) for t in texts])), 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------- measurements
+def system_info(device: Any) -> dict[str, Any]:
+    """CPU, GPU, memory and library versions."""
+    import numpy as np
+    import PIL
+    import polars as pl
+    import torch
+    import torchvision
+
+    import ccclip_widgets
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "polars": pl.__version__,
+        "ccclip_widgets": ccclip_widgets.__version__,
+        "cpu_cores_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        import open_clip
+
+        info["open_clip"] = open_clip.__version__
+    except Exception:  # pragma: no cover - preflight checked it
+        pass
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    dev = torch.device(device)
+    info["device"] = str(dev)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info["gpu_name"] = props.name
+        info["gpu_mem_gib"] = round(props.total_memory / 2**30, 1)
+        with contextlib.suppress(Exception):
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            info["driver"] = out.stdout.strip().splitlines()[0]
+        from ccclip_widgets.gpu_decode import gpu_decode_available
+
+        info["nvjpeg_batched_decode"] = gpu_decode_available(dev)
+    return info
+
+
+def host_kind(info: dict[str, Any]) -> str:
+    """Short machine label for the results file name (``h100``, ``cpu-2core``, ...)."""
+    name = info.get("gpu_name")
+    if name:
+        m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.upper())
+        return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"cpu-{info.get('cpu_cores_usable', 0)}core"
+
+
+def _normalise(feats: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.normalize(feats.float(), dim=-1)
+
+
+def bench_naive(model: Any, paths: Sequence[str], texts: Sequence[str], batch_size: int) -> dict[str, Any]:
+    """(a) PIL open + preprocess in the main process, fp32 forward of images and texts, one batch at a time."""
+    import torch
+    from PIL import Image
+
+    device = model.device
+    n = len(paths)
+    with torch.no_grad(), measured(device) as rec:
+        for start in range(0, n, batch_size):
+            pixels = []
+            for p in paths[start : start + batch_size]:
+                with Image.open(p) as im:
+                    pixels.append(model.preprocess(im.convert("RGB")))
+            x = torch.stack(pixels).to(device)
+            tokens = model.tokenize(list(texts[start : start + batch_size])).to(device)
+            _normalise(model.model.encode_image(x)).cpu()
+            _normalise(model.model.encode_text(tokens)).cpu()
+    rec.update(posts=n, throughput=_rate(n, rec["seconds"]), unit="posts/s", batch_size=batch_size)
+    return rec
+
+
+def make_pool(model: Any, paths: Sequence[str], batch_size: int, pool_size: int) -> Any:
+    """Pre-decoded pixels on the device: a whole number of batches of distinct images (cycled by the loops)."""
+    import torch
+
+    from ccclip_widgets.images import load_image
+
+    count = max(1, min(len(paths), pool_size) // batch_size) * batch_size
+    count = min(count, len(paths))
+    pixels = torch.stack(
+        [model.preprocess(load_image(p, target_size=model.image_size)) for p in paths[:count]]
+    )
+    pixels = pixels.to(model.device)
+    if model.device.type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    return pixels
+
+
+def bench_forward(
+    model: Any,
+    pool: Any,
+    tokens: Any,
+    n: int,
+    batch_size: int,
+    *,
+    images: bool,
+    texts: bool,
+    sample_gpu: bool,
+) -> dict[str, Any]:
+    """(c)/(e) forward passes over pre-made device tensors, in the model's precision; vectors stay on device."""
+    import torch
+
+    device = model.device
+    pool_batches = max(1, pool.shape[0] // batch_size)
+    bs = min(batch_size, pool.shape[0])
+    out_i = torch.empty((n, model.embed_dim), device=device) if images else None
+    out_t = torch.empty((n, model.embed_dim), device=device) if texts else None
+
+    def run(count: int) -> None:
+        for k, start in enumerate(range(0, count, bs)):
+            stop = min(start + bs, count)
+            if images:
+                b = k % pool_batches
+                x = pool[b * bs : b * bs + (stop - start)]
+                with model.autocast():
+                    out_i[start:stop] = _normalise(model.model.encode_image(x))
+            if texts:
+                with model.autocast():
+                    out_t[start:stop] = _normalise(model.model.encode_text(tokens[start:stop]))
+
+    with torch.no_grad():
+        run(min(n, (2 if device.type == "cuda" else 1) * bs))  # warm-up (kernel selection, allocator)
+        with measured(device, sample_gpu) as rec:
+            run(n)
+    rec.update(items=n, throughput=_rate(n, rec["seconds"]), batch_size=bs, precision=model.precision)
+    return rec
+
+
+def bench_decode(
+    model: Any, paths: Sequence[str], mode: str, batch_size: int, workers: int
+) -> dict[str, Any]:
+    """(d) decode + preprocess only, pixels delivered on the model's device."""
+    from torch.utils.data import DataLoader
+
+    from ccclip_widgets.embed import _collate, _ImageDataset
+    from ccclip_widgets.gpu_decode import iter_decoded_batches
+
+    device = model.device
+    n = 0
+    failed = 0
+    with measured(device, sample_gpu=True) as rec:
+        if mode == "gpu":
+            for _, pixels, errors in iter_decoded_batches(
+                model, paths, batch_size=batch_size, num_workers=workers
+            ):
+                n += pixels.shape[0]
+                failed += sum(1 for e in errors if e)
+        else:
+            loader = DataLoader(
+                _ImageDataset(list(paths), model.preprocess, model.image_size),
+                batch_size=batch_size,
+                num_workers=workers,
+                collate_fn=_collate,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=4 if workers else None,
+            )
+            for _, pixels, errors in loader:
+                pixels.to(device, non_blocking=True)
+                n += pixels.shape[0]
+                failed += sum(1 for e in errors if e)
+    rec.update(images=n, failed=failed, throughput=_rate(n, rec["seconds"]), unit="img/s", workers=workers)
+    return rec
+
+
+def embed_supports_decode() -> bool:
+    from ccclip_widgets.embed import embed_posts
+
+    return "decode" in inspect.signature(embed_posts).parameters
+
+
+def bench_embed_posts(
+    posts: Any,
+    model: Any,
+    store: Path,
+    mode: str | None,
+    batch_size: int,
+    workers: int | None,
+    sample_gpu: bool = True,
+) -> dict[str, Any]:
+    """(b) ``embed_posts`` end to end into a fresh store."""
+    from ccclip_widgets.embed import embed_posts
+
+    kwargs: dict[str, Any] = {
+        "store": store,
+        "batch_size": batch_size,
+        "text_batch_size": batch_size,
+        "num_workers": workers,
+        "show_progress": False,
+    }
+    if mode is not None:
+        kwargs["decode"] = mode
+    with measured(model.device, sample_gpu) as rec:
+        emb = embed_posts(posts, model, **kwargs)
+    n = len(posts)
+    if len(emb) != n or len(emb.rejects):
+        raise RuntimeError(f"embed_posts embedded {len(emb)} of {n} posts ({len(emb.rejects)} rejects)")
+    rec.update(posts=n, throughput=_rate(n, rec["seconds"]), unit="posts/s", stats=emb.stats)
+    return rec
+
+
+def bench_text_prep(model: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """(f) serial tokenization and truncation counting: the CPU cost per text that embed_posts pays."""
+    t0 = time.perf_counter()
+    model.tokenize(list(texts))
+    tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.count_truncated(list(texts))
+    cnt = time.perf_counter() - t0
+    n = len(texts)
+    return {
+        "texts": n,
+        "tokenize_texts_per_s": _rate(n, tok),
+        "count_truncated_texts_per_s": _rate(n, cnt),
+    }
+
+
+# --------------------------------------------------------------------------------------------- report
+def _fmt(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def _gpu_cell(rec: dict[str, Any]) -> str:
+    g = rec.get("gpu")
+    mem = rec.get("peak_gpu_mem_gib")
+    parts = []
+    if g:
+        parts.append(f"util {g['util_mean_pct']:.0f}% mean / {g['util_p90_pct']:.0f}% p90")
+    if mem is not None:
+        parts.append(f"peak {mem} GiB")
+    return ", ".join(parts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results as a markdown table plus ratios."""
+    r = report["results"]
+    bs = report["args"]["batch_size"]
+    rows = ["| measure | throughput | GPU | notes |", "|---|---|---|---|"]
+    if "naive" in r:
+        rows.append(
+            f"| (a) naive loop: PIL + preprocess in main process, fp32, batch {bs}, no workers "
+            f"| {_fmt(r['naive']['throughput'])} posts/s | {_gpu_cell(r['naive'])} | {r['naive']['posts']} posts |"
+        )
+    for label, rec in r.get("embed_posts", {}).items():
+        if "throughput" not in rec:
+            rows.append(f"| (b) embed_posts, decode={label} | n/a | | {rec.get('skipped', '')} |")
+            continue
+        runs = rec.get("all_runs_posts_per_s")
+        note = f"workers {rec.get('workers')}, {rec['posts']} posts" + (f", runs {runs}" if runs else "")
+        rows.append(
+            f"| (b) embed_posts end to end, decode={label} | {_fmt(rec['throughput'])} posts/s "
+            f"| {_gpu_cell(rec)} | {note} |"
+        )
+    if "ceiling" in r:
+        c = r["ceiling"]
+        rows.append(
+            f"| (c) forward-only ceiling: image + text, tensors on device, {c['precision']} "
+            f"| {_fmt(c['throughput'])} posts/s | {_gpu_cell(c)} | batch {c['batch_size']} |"
+        )
+    for label, rec in r.get("decode_only", {}).items():
+        rows.append(
+            f"| (d) decode + preprocess only, {label} | {_fmt(rec['throughput'])} img/s | {_gpu_cell(rec)} "
+            f"| workers {rec['workers']} |"
+        )
+    if "image_forward" in r:
+        rows.append(
+            f"| (e) image forward only | {_fmt(r['image_forward']['throughput'])} img/s "
+            f"| {_gpu_cell(r['image_forward'])} | |"
+        )
+    if "text_forward" in r:
+        rows.append(
+            f"| (e) text forward only | {_fmt(r['text_forward']['throughput'])} texts/s "
+            f"| {_gpu_cell(r['text_forward'])} | |"
+        )
+    if "text_prep" in r:
+        t = r["text_prep"]
+        rows.append(
+            f"| (f) tokenize only, serial | {_fmt(t['tokenize_texts_per_s'])} texts/s | | "
+            f"count_truncated {_fmt(t['count_truncated_texts_per_s'])} texts/s |"
+        )
+    lines = ["\n".join(rows), ""]
+    for label, ratio in report.get("ratios", {}).items():
+        lines.append(
+            f"- decode={label}: {ratio['of_ceiling']:.0%} of the forward-only ceiling, "
+            f"{ratio['x_naive']:.1f}x the naive loop"
+        )
+    target = report.get("gpu_target")
+    if target:
+        lines.append(
+            f"- GPU target (>= 80% of ceiling and >= 3x naive, decode={target['decode']}): "
+            f"{'MET' if target['met'] else 'NOT MET'}"
+        )
+    m = report["meta"]
+    hw = m.get("gpu_name") or "no GPU"
+    lines.append(
+        f"- machine: {hw}; {m.get('cpu_model', '?')} ({m.get('cpu_cores_usable')} usable cores); torch "
+        f"{m['torch']}, torchvision {m['torchvision']}, open_clip {m.get('open_clip')}; host peak RSS "
+        f"{m['rss']['self_peak_mb']} MB (largest worker {m['rss']['largest_child_peak_mb']} MB)"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=8192, help="posts (images + texts) to generate and embed")
+    p.add_argument("--quick", action="store_true", help="smoke check: 32 posts, batch 8")
+    p.add_argument("--batch-size", type=int, default=None, help="images/texts per forward (512 GPU, 32 CPU)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: embed's default)")
+    p.add_argument(
+        "--decode",
+        nargs="+",
+        choices=("gpu", "cpu", "auto"),
+        default=["gpu", "cpu"],
+        help="decode modes for (b) and (d): gpu = batched decode on the model's device (libjpeg-turbo in the "
+        "main process on a CPU machine), cpu = PIL in DataLoader workers",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="timed embed_posts runs per decode mode (best kept)"
+    )
+    p.add_argument("--naive-n", type=int, default=2048, help="posts for the naive loop (slow; at most --n)")
+    p.add_argument("--pool", type=int, default=1024, help="distinct pre-decoded images cycled by (c)/(e)")
+    p.add_argument("--model", default="ViT-B-32:random", help="model spec (random weights by default)")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    p.add_argument("--data-dir", type=Path, default=None, help="reuse/keep generated data here")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/embed_<kind>.json)"
+    )
+    p.add_argument("--host-kind", default=None, help="label for the results file (default from the hardware)")
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=("naive", "ceiling", "decode", "forward", "embed")
+    )
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n = min(args.n, 32)
+        args.naive_n = min(args.naive_n, 32)
+        args.pool = min(args.pool, 32)
+        args.batch_size = args.batch_size or 8
+    return args
+
+
+def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    """Generate the posts (or reuse them from ``--data-dir``); runs before torch starts threads or CUDA."""
+    existing = sorted(data_dir.glob("img_*.jpg")) if data_dir.exists() else []
+    if (data_dir / "posts.csv").exists() and len(existing) == args.n:
+        return {"n": args.n, "reused": str(data_dir)}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return generate_dataset(data_dir, args.n, args.seed, cores or 1)
+
+
+def run(args: argparse.Namespace, tmp: Path, data_dir: Path, gen: dict[str, Any]) -> dict[str, Any]:
+    """Load the model and posts, run every measurement; return the report."""
+    import torch
+
+    from ccclip_widgets.embed import default_num_workers
+    from ccclip_widgets.gpu_decode import use_device_decode
+    from ccclip_widgets.models import load_model
+    from ccclip_widgets.posts import read_posts
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=args.device, allow_random=True)
+    load_s = time.perf_counter() - t0
+    device = model.device
+    _ = model.fingerprint  # hashed once here, not inside the timed runs
+    bs = args.batch_size or (512 if device.type == "cuda" else 32)
+    args.batch_size = bs
+    info = system_info(device)
+    kind = args.host_kind or host_kind(info)
+    print(
+        f"# bench_embed: {info.get('gpu_name') or 'CPU'} ({kind}), model {args.model} on {device}, batch {bs}"
+    )
+    report: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "host_kind": kind,
+    }
+    results: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
+    posts = read_posts(data_dir / "posts.csv", image_root=data_dir)
+    read_s = time.perf_counter() - t0
+    if len(posts) != args.n:
+        raise RuntimeError(f"read_posts kept {len(posts)} of {args.n} posts: {posts.rejects}")
+    paths = posts.table["image_path"].to_list()
+    texts = posts.table["text"].to_list()
+    workers = args.workers if args.workers is not None else default_num_workers(device, len(paths))
+    modes: list[str] = []
+    for m in args.decode:
+        resolved = "gpu" if use_device_decode(m, device) else "cpu"
+        if resolved not in modes:
+            modes.append(resolved)
+    report["setup"] = {
+        "model_load_s": round(load_s, 2),
+        "read_posts_s": round(read_s, 2),
+        "data": gen,
+        "workers": workers,
+    }
+
+    if "forward" not in args.skip or "ceiling" not in args.skip:
+        pool = make_pool(model, paths, bs, args.pool)
+        tokens = model.tokenize(texts).to(device)
+        if "ceiling" not in args.skip:
+            results["ceiling"] = bench_forward(
+                model, pool, tokens, args.n, bs, images=True, texts=True, sample_gpu=True
+            )
+            results["ceiling"]["unit"] = "posts/s"
+            print(f"# (c) ceiling: {results['ceiling']['throughput']} posts/s")
+        if "forward" not in args.skip:
+            results["image_forward"] = bench_forward(
+                model, pool, tokens, args.n, bs, images=True, texts=False, sample_gpu=True
+            )
+            results["text_forward"] = bench_forward(
+                model, pool, tokens, args.n, bs, images=False, texts=True, sample_gpu=True
+            )
+            print(
+                f"# (e) image forward {results['image_forward']['throughput']} img/s, "
+                f"text forward {results['text_forward']['throughput']} texts/s"
+            )
+        del pool, tokens
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results["text_prep"] = bench_text_prep(model, texts)
+
+    if "decode" not in args.skip:
+        results["decode_only"] = {}
+        for mode in modes:
+            rec = bench_decode(model, paths, mode, bs, workers)
+            results["decode_only"][mode] = rec
+            print(f"# (d) decode only, {mode}: {rec['throughput']} img/s")
+
+    if "embed" not in args.skip:
+        results["embed_posts"] = {}
+        has_decode = embed_supports_decode()
+        warm_n = min(args.n, (2 if device.type == "cuda" else 1) * bs)
+        warm = dataclasses.replace(posts, table=posts.table.head(warm_n))
+        for mode in modes:
+            if not has_decode and mode == "gpu":
+                results["embed_posts"][mode] = {
+                    "skipped": "embed_posts has no decode parameter yet (apply the gpu_decode integration)"
+                }
+                print("# (b) decode=gpu skipped: embed_posts has no decode parameter")
+                continue
+            kw_mode = mode if has_decode else None
+            bench_embed_posts(warm, model, tmp / f"warm-{mode}", kw_mode, bs, workers, sample_gpu=False)
+            runs = [
+                bench_embed_posts(posts, model, tmp / f"store-{mode}-{i}", kw_mode, bs, workers)
+                for i in range(max(1, args.repeats))
+            ]
+            best = max(runs, key=lambda r: r["throughput"])
+            best["workers"] = workers
+            best["embed_posts_has_decode"] = has_decode
+            if len(runs) > 1:
+                best["all_runs_posts_per_s"] = [r["throughput"] for r in runs]
+            results["embed_posts"][mode] = best
+            print(f"# (b) embed_posts decode={mode}: {best['throughput']} posts/s")
+
+    if "naive" not in args.skip:
+        k = min(args.naive_n, args.n)
+        bench_naive(model, paths[: min(k, bs)], texts[: min(k, bs)], bs)  # warm-up
+        results["naive"] = bench_naive(model, paths[:k], texts[:k], bs)
+        print(f"# (a) naive: {results['naive']['throughput']} posts/s")
+
+    ratios: dict[str, Any] = {}
+    ceiling = results.get("ceiling", {}).get("throughput")
+    naive = results.get("naive", {}).get("throughput")
+    for label, rec in results.get("embed_posts", {}).items():
+        if "throughput" in rec and ceiling and naive:
+            ratios[label] = {
+                "of_ceiling": round(rec["throughput"] / ceiling, 3),
+                "x_naive": round(rec["throughput"] / naive, 2),
+            }
+    info["rss"] = _rss_mb()
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report.update(meta=info, results=results, ratios=ratios)
+    headline = "gpu" if use_device_decode("auto", device) else "cpu"
+    if device.type == "cuda" and headline in ratios:
+        r = ratios[headline]
+        report["gpu_target"] = {
+            "decode": headline,
+            "of_ceiling": r["of_ceiling"],
+            "x_naive": r["x_naive"],
+            "met": r["of_ceiling"] >= 0.8 and r["x_naive"] >= 3.0,
+        }
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; write the JSON and print the table."""
+    args = parse_args(argv)
+    preflight()
+    warnings.filterwarnings("ignore", message="No pretrained weights loaded")
+    logging.getLogger().setLevel(logging.ERROR)
+    tmp = Path(tempfile.mkdtemp(prefix="ccclip-bench-"))
+    data_dir = args.data_dir or tmp / "data"
+    try:
+        gen = prepare_data(args, data_dir)  # first: it forks processes, before torch starts threads or CUDA
+        print(f"# data: {gen}")
+        report = run(args, tmp, data_dir, gen)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # stores, and the generated data unless --data-dir was given
+    out = args.out or REPO / "benchmarks" / "results" / f"embed_{report['host_kind']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print()
+    print(markdown(report))
+    print(f"\nwrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
