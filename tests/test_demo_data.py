@@ -341,7 +341,8 @@ def test_missing_package_gives_an_install_hint(tmp_path: Path) -> None:
 
 
 def test_cli(tree: Tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo_main(["build-model"]) == 2
+    assert demo_main(["build-model", "--standin-dir", str(tmp_path / "nowhere")]) == 1
+    assert "build-data" in capsys.readouterr().err
     args = ["build-data", "--out", str(tmp_path / "demo"), "--standin-dir", str(tmp_path / "standin")]
     args += ["--png-root", str(tree.png), "--svg-root", str(tree.svg), "--captions-dir", str(tmp_path)]
     args += ["--n-demo", "6", "--no-install", "--workers", "1"]
@@ -351,3 +352,14 @@ def test_cli(tree: Tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "demo: 6 images" in out
     assert (tmp_path / "worklist.csv").is_file()
+    # the stand-in model builder trains on that pool with our own engine and writes a loadable, partial checkpoint
+    model_dir = tmp_path / "model"
+    build = ["build-model", "--standin-dir", str(tmp_path / "standin"), "--out", str(model_dir)]
+    assert demo_main([*build, "--epochs", "1", "--batch-size", "4", "--device", "cpu"]) == 0
+    import json
+
+    from ccclip_widgets.models import load_model
+
+    meta = json.loads((model_dir / "ccclip.json").read_text())
+    assert meta["partial"] and meta["provenance"]["command"].endswith("build-model")
+    assert load_model(model_dir, device="cpu").embed_dim == 256

@@ -118,16 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "build-model":
         from .model import build_demo_model
 
-        out = build_demo_model(
-            args.standin_dir,
-            args.out,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            device=args.device,
-            work_dir=args.work_dir,
-        )
+        try:
+            out = build_demo_model(
+                args.standin_dir,
+                args.out,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                device=args.device,
+                work_dir=args.work_dir,
+            )
+        except FileNotFoundError as exc:
+            print(f"error: {exc} (run `python -m ccclip_widgets.demo build-data` first)", file=sys.stderr)
+            return 1
         print(f"demo model written to {out}")
         return 0
 
