@@ -497,7 +497,11 @@ def bench_forward(
 def bench_decode(
     model: Any, paths: Sequence[str], mode: str, batch_size: int, workers: int
 ) -> dict[str, Any]:
-    """(d) decode + preprocess only, pixels delivered on the model's device."""
+    """(d) decode + preprocess only, pixels delivered on the model's device.
+
+    Besides the overall rate it records the time to the first batch (worker start-up, which grows with the
+    parent's memory because of fork) and the steady rate after it.
+    """
     from torch.utils.data import DataLoader
 
     from ccclip_widgets.embed import _collate, _ImageDataset
@@ -506,15 +510,13 @@ def bench_decode(
     device = model.device
     n = 0
     failed = 0
+    first: tuple[float, int] | None = None
     with measured(device, sample_gpu=True) as rec:
+        t0 = time.perf_counter()
         if mode == "gpu":
-            for _, pixels, errors in iter_decoded_batches(
-                model, paths, batch_size=batch_size, num_workers=workers
-            ):
-                n += pixels.shape[0]
-                failed += sum(1 for e in errors if e)
+            batches: Any = iter_decoded_batches(model, paths, batch_size=batch_size, num_workers=workers)
         else:
-            loader = DataLoader(
+            batches = DataLoader(
                 _ImageDataset(list(paths), model.preprocess, model.image_size),
                 batch_size=batch_size,
                 num_workers=workers,
@@ -522,12 +524,63 @@ def bench_decode(
                 pin_memory=device.type == "cuda",
                 prefetch_factor=4 if workers else None,
             )
-            for _, pixels, errors in loader:
-                pixels.to(device, non_blocking=True)
-                n += pixels.shape[0]
-                failed += sum(1 for e in errors if e)
+        for _, pixels, errors in batches:
+            pixels = pixels.to(device, non_blocking=True)
+            n += pixels.shape[0]
+            failed += sum(1 for e in errors if e)
+            if first is None:
+                _sync(device)
+                first = (time.perf_counter() - t0, n)
     rec.update(images=n, failed=failed, throughput=_rate(n, rec["seconds"]), unit="img/s", workers=workers)
+    if first is not None:
+        rec["first_batch_s"] = round(first[0], 3)
+        rec["steady_img_per_s"] = _rate(n - first[1], rec["seconds"] - first[0]) if n > first[1] else None
     return rec
+
+
+def bench_decode_in_memory(
+    model: Any, paths: Sequence[str], batch_size: int, limit: int, decode_batches: Sequence[int]
+) -> dict[str, Any]:
+    """(d0) the decoder alone and (d1) decode_and_preprocess alone, on encoded bytes already in memory.
+
+    No workers, no files, no thread: compared with (d) it tells whether the decoder itself or the pipeline
+    around it (workers, IPC, the decoding thread) sets the pace.
+    """
+    import torch
+
+    from ccclip_widgets.gpu_decode import _torchvision_io, decode_and_preprocess
+
+    device = model.device
+    tvio = _torchvision_io()
+    data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths[:limit]]
+    n = len(data)
+    out: dict[str, Any] = {"images": n}
+    for b in decode_batches:
+        tvio.decode_jpeg(data[:b], mode=tvio.ImageReadMode.RGB, device=device)  # warm-up (decoder init)
+        with measured(device) as rec:
+            for s in range(0, n, b):
+                tvio.decode_jpeg(data[s : s + b], mode=tvio.ImageReadMode.RGB, device=device)
+        out[f"decode_only_batch_{b}_img_per_s"] = _rate(n, rec["seconds"])
+    cfg, size = model.preprocess_cfg, model.image_size
+    decode_and_preprocess(data[:batch_size], device, cfg, size, orientations=[1] * min(n, batch_size))
+    with measured(device, sample_gpu=True) as rec:
+        for s in range(0, n, batch_size):
+            chunk = data[s : s + batch_size]
+            decode_and_preprocess(chunk, device, cfg, size, orientations=[1] * len(chunk))
+    rec.update(out, throughput=_rate(n, rec["seconds"]), unit="img/s", batch_size=batch_size)
+    return rec
+
+
+def _keep_best(results: dict[str, Any], path: tuple[str, ...], rec: dict[str, Any]) -> None:
+    """Store ``rec`` at ``results[path]`` if its throughput beats what is there; keep every run's figure."""
+    parent = results
+    for key in path[:-1]:
+        parent = parent.setdefault(key, {})
+    old = parent.get(path[-1])
+    runs = ([*old.get("all_runs", [])] if old else []) + [rec["throughput"]]
+    if old is None or rec["throughput"] > old["throughput"]:
+        parent[path[-1]] = rec
+    parent[path[-1]]["all_runs"] = runs
 
 
 def embed_supports_decode() -> bool:
@@ -589,6 +642,11 @@ def _fmt(x: float | None) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
+def _runs(rec: dict[str, Any]) -> str:
+    runs = rec.get("all_runs") or []
+    return f"; best of {runs}" if len(runs) > 1 else ""
+
+
 def _gpu_cell(rec: dict[str, Any]) -> str:
     g = rec.get("gpu")
     mem = rec.get("peak_gpu_mem_gib")
@@ -608,14 +666,14 @@ def markdown(report: dict[str, Any]) -> str:
     if "naive" in r:
         rows.append(
             f"| (a) naive loop: PIL + preprocess in main process, fp32, batch {bs}, no workers "
-            f"| {_fmt(r['naive']['throughput'])} posts/s | {_gpu_cell(r['naive'])} | {r['naive']['posts']} posts |"
+            f"| {_fmt(r['naive']['throughput'])} posts/s | {_gpu_cell(r['naive'])} "
+            f"| {r['naive']['posts']} posts{_runs(r['naive'])} |"
         )
     for label, rec in r.get("embed_posts", {}).items():
         if "throughput" not in rec:
             rows.append(f"| (b) embed_posts, decode={label} | n/a | | {rec.get('skipped', '')} |")
             continue
-        runs = rec.get("all_runs_posts_per_s")
-        note = f"workers {rec.get('workers')}, {rec['posts']} posts" + (f", runs {runs}" if runs else "")
+        note = f"workers {rec.get('workers')}, {rec['posts']} posts{_runs(rec)}"
         rows.append(
             f"| (b) embed_posts end to end, decode={label} | {_fmt(rec['throughput'])} posts/s "
             f"| {_gpu_cell(rec)} | {note} |"
@@ -624,22 +682,33 @@ def markdown(report: dict[str, Any]) -> str:
         c = r["ceiling"]
         rows.append(
             f"| (c) forward-only ceiling: image + text, tensors on device, {c['precision']} "
-            f"| {_fmt(c['throughput'])} posts/s | {_gpu_cell(c)} | batch {c['batch_size']} |"
+            f"| {_fmt(c['throughput'])} posts/s | {_gpu_cell(c)} | batch {c['batch_size']}{_runs(c)} |"
         )
     for label, rec in r.get("decode_only", {}).items():
         rows.append(
             f"| (d) decode + preprocess only, {label} | {_fmt(rec['throughput'])} img/s | {_gpu_cell(rec)} "
-            f"| workers {rec['workers']} |"
+            f"| workers {rec['workers']}, first batch after {rec.get('first_batch_s')} s, then "
+            f"{_fmt(rec.get('steady_img_per_s'))} img/s{_runs(rec)} |"
         )
+    if "decode_in_memory" in r:
+        d = r["decode_in_memory"]
+        alone = ", ".join(
+            f"batch {k.split('_')[3]}: {_fmt(v)}" for k, v in d.items() if k.startswith("decode_only_batch_")
+        )
+        rows.append(
+            f"| (d1) decode_and_preprocess alone, bytes in memory, no workers | {_fmt(d['throughput'])} img/s "
+            f"| {_gpu_cell(d)} | batch {d['batch_size']}, {d['images']} images |"
+        )
+        rows.append(f"| (d0) decode_jpeg alone, bytes in memory | see notes | | img/s at {alone} |")
     if "image_forward" in r:
         rows.append(
             f"| (e) image forward only | {_fmt(r['image_forward']['throughput'])} img/s "
-            f"| {_gpu_cell(r['image_forward'])} | |"
+            f"| {_gpu_cell(r['image_forward'])} | {_runs(r['image_forward']).lstrip('; ')} |"
         )
     if "text_forward" in r:
         rows.append(
             f"| (e) text forward only | {_fmt(r['text_forward']['throughput'])} texts/s "
-            f"| {_gpu_cell(r['text_forward'])} | |"
+            f"| {_gpu_cell(r['text_forward'])} | {_runs(r['text_forward']).lstrip('; ')} |"
         )
     if "text_prep" in r:
         t = r["text_prep"]
@@ -664,7 +733,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(
         f"- machine: {hw}; {m.get('cpu_model', '?')} ({m.get('cpu_cores_usable')} usable cores); torch "
         f"{m['torch']}, torchvision {m['torchvision']}, open_clip {m.get('open_clip')}; host peak RSS "
-        f"{m['rss']['self_peak_mb']} MB (largest worker {m['rss']['largest_child_peak_mb']} MB)"
+        f"{m['rss']['self_peak_mb']} MB (largest worker {m['rss']['largest_child_peak_mb']} MB); load average "
+        f"{m.get('load_average_1_5_15')} at start, {m.get('load_average_at_end')} at end"
     )
     return "\n".join(lines)
 
@@ -675,7 +745,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8192, help="posts (images + texts) to generate and embed")
     p.add_argument("--quick", action="store_true", help="smoke check: 32 posts, batch 8")
     p.add_argument("--batch-size", type=int, default=None, help="images/texts per forward (512 GPU, 32 CPU)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: embed's default)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers for (b) and (d) (default: embed_posts chooses; (d) uses default_num_workers)",
+    )
     p.add_argument(
         "--decode",
         nargs="+",
@@ -685,8 +760,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "main process on a CPU machine), cpu = PIL in DataLoader workers",
     )
     p.add_argument(
-        "--repeats", type=int, default=1, help="timed embed_posts runs per decode mode (best kept)"
+        "--decode-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="extra (d) runs of the gpu pipeline with these worker counts (e.g. 2 4 8)",
     )
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every measurement (best of each kept)")
     p.add_argument("--naive-n", type=int, default=2048, help="posts for the naive loop (slow; at most --n)")
     p.add_argument("--pool", type=int, default=1024, help="distinct pre-decoded images cycled by (c)/(e)")
     p.add_argument("--model", default="ViT-B-32:random", help="model spec (random weights by default)")
@@ -765,69 +845,83 @@ def run(args: argparse.Namespace, tmp: Path, data_dir: Path, gen: dict[str, Any]
         "workers": workers,
     }
 
-    if "forward" not in args.skip or "ceiling" not in args.skip:
-        pool = make_pool(model, paths, bs, args.pool)
-        tokens = model.tokenize(texts).to(device)
-        if "ceiling" not in args.skip:
-            results["ceiling"] = bench_forward(
-                model, pool, tokens, args.n, bs, images=True, texts=True, sample_gpu=True
-            )
-            results["ceiling"]["unit"] = "posts/s"
-            print(f"# (c) ceiling: {results['ceiling']['throughput']} posts/s")
-        if "forward" not in args.skip:
-            results["image_forward"] = bench_forward(
-                model, pool, tokens, args.n, bs, images=True, texts=False, sample_gpu=True
-            )
-            results["text_forward"] = bench_forward(
-                model, pool, tokens, args.n, bs, images=False, texts=True, sample_gpu=True
-            )
-            print(
-                f"# (e) image forward {results['image_forward']['throughput']} img/s, "
-                f"text forward {results['text_forward']['throughput']} texts/s"
-            )
-        del pool, tokens
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     results["text_prep"] = bench_text_prep(model, texts)
+    has_decode = embed_supports_decode()
+    warm_n = min(args.n, (2 if device.type == "cuda" else 1) * bs)
+    warm = dataclasses.replace(posts, table=posts.table.head(warm_n))
+    warmed: set[str] = set()
+    # Every measurement runs once per round, rounds repeated --repeats times, the best of each kept: on a
+    # shared machine a load spike then hits one round of everything rather than one row of the table.
+    for rnd in range(max(1, args.repeats)):
+        tag = f" (round {rnd + 1})" if args.repeats > 1 else ""
+        if "forward" not in args.skip or "ceiling" not in args.skip:
+            pool = make_pool(model, paths, bs, args.pool)
+            tokens = model.tokenize(texts).to(device)
+            if "ceiling" not in args.skip:
+                rec = bench_forward(model, pool, tokens, args.n, bs, images=True, texts=True, sample_gpu=True)
+                rec["unit"] = "posts/s"
+                _keep_best(results, ("ceiling",), rec)
+                print(f"# (c) ceiling{tag}: {rec['throughput']} posts/s")
+            if "forward" not in args.skip:
+                rec_i = bench_forward(
+                    model, pool, tokens, args.n, bs, images=True, texts=False, sample_gpu=True
+                )
+                rec_t = bench_forward(
+                    model, pool, tokens, args.n, bs, images=False, texts=True, sample_gpu=True
+                )
+                rec_i["unit"], rec_t["unit"] = "img/s", "texts/s"
+                _keep_best(results, ("image_forward",), rec_i)
+                _keep_best(results, ("text_forward",), rec_t)
+                print(
+                    f"# (e) image forward{tag} {rec_i['throughput']} img/s, text {rec_t['throughput']} texts/s"
+                )
+            del pool, tokens
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    if "decode" not in args.skip:
-        results["decode_only"] = {}
-        for mode in modes:
-            rec = bench_decode(model, paths, mode, bs, workers)
-            results["decode_only"][mode] = rec
-            print(f"# (d) decode only, {mode}: {rec['throughput']} img/s")
+        if "decode" not in args.skip:
+            if "gpu" in modes:
+                rec = bench_decode_in_memory(model, paths, bs, min(args.n, 4096), sorted({128, 256, bs}))
+                _keep_best(results, ("decode_in_memory",), rec)
+                print(f"# (d0/d1) decoder alone, bytes in memory{tag}: {rec}")
+            runs_d = [(mode, workers, mode) for mode in modes]
+            runs_d += [("gpu", w, f"gpu, {w} workers") for w in args.decode_workers if "gpu" in modes]
+            for mode, w, label in runs_d:
+                rec = bench_decode(model, paths, mode, bs, w)
+                _keep_best(results, ("decode_only", label), rec)
+                print(
+                    f"# (d) decode only, {label}{tag}: {rec['throughput']} img/s (first batch after "
+                    f"{rec.get('first_batch_s')} s, then {rec.get('steady_img_per_s')} img/s)"
+                )
 
-    if "embed" not in args.skip:
-        results["embed_posts"] = {}
-        has_decode = embed_supports_decode()
-        warm_n = min(args.n, (2 if device.type == "cuda" else 1) * bs)
-        warm = dataclasses.replace(posts, table=posts.table.head(warm_n))
-        for mode in modes:
-            if not has_decode and mode == "gpu":
-                results["embed_posts"][mode] = {
-                    "skipped": "embed_posts has no decode parameter yet (apply the gpu_decode integration)"
-                }
-                print("# (b) decode=gpu skipped: embed_posts has no decode parameter")
-                continue
-            kw_mode = mode if has_decode else None
-            bench_embed_posts(warm, model, tmp / f"warm-{mode}", kw_mode, bs, workers, sample_gpu=False)
-            runs = [
-                bench_embed_posts(posts, model, tmp / f"store-{mode}-{i}", kw_mode, bs, workers)
-                for i in range(max(1, args.repeats))
-            ]
-            best = max(runs, key=lambda r: r["throughput"])
-            best["workers"] = workers
-            best["embed_posts_has_decode"] = has_decode
-            if len(runs) > 1:
-                best["all_runs_posts_per_s"] = [r["throughput"] for r in runs]
-            results["embed_posts"][mode] = best
-            print(f"# (b) embed_posts decode={mode}: {best['throughput']} posts/s")
+        if "embed" not in args.skip:
+            for mode in modes:
+                if not has_decode and mode == "gpu":
+                    results.setdefault("embed_posts", {})[mode] = {
+                        "skipped": "embed_posts has no decode parameter yet (apply the gpu_decode integration)"
+                    }
+                    print("# (b) decode=gpu skipped: embed_posts has no decode parameter")
+                    continue
+                kw_mode = mode if has_decode else None
+                # embed_posts picks its own worker counts unless --workers was given
+                if mode not in warmed:
+                    bench_embed_posts(
+                        warm, model, tmp / f"warm-{mode}", kw_mode, bs, args.workers, sample_gpu=False
+                    )
+                    warmed.add(mode)
+                rec = bench_embed_posts(posts, model, tmp / f"store-{mode}-{rnd}", kw_mode, bs, args.workers)
+                rec["workers"] = args.workers if args.workers is not None else "embed_posts default"
+                rec["embed_posts_has_decode"] = has_decode
+                _keep_best(results, ("embed_posts", mode), rec)
+                print(f"# (b) embed_posts decode={mode}{tag}: {rec['throughput']} posts/s")
 
-    if "naive" not in args.skip:
-        k = min(args.naive_n, args.n)
-        bench_naive(model, paths[: min(k, bs)], texts[: min(k, bs)], bs)  # warm-up
-        results["naive"] = bench_naive(model, paths[:k], texts[:k], bs)
-        print(f"# (a) naive: {results['naive']['throughput']} posts/s")
+        if "naive" not in args.skip:
+            k = min(args.naive_n, args.n)
+            if rnd == 0:
+                bench_naive(model, paths[: min(k, bs)], texts[: min(k, bs)], bs)  # warm-up
+            rec = bench_naive(model, paths[:k], texts[:k], bs)
+            _keep_best(results, ("naive",), rec)
+            print(f"# (a) naive{tag}: {rec['throughput']} posts/s")
 
     ratios: dict[str, Any] = {}
     ceiling = results.get("ceiling", {}).get("throughput")

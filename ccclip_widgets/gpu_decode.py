@@ -864,6 +864,7 @@ def iter_decoded_batches(
 
     if cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    batches = iter(loader)  # start (fork) the workers from this thread, before the decoding thread exists
     q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
     side = torch.cuda.Stream(device=device) if cuda else None
@@ -874,7 +875,7 @@ def iter_decoded_batches(
                 if side is not None:
                     ctx.enter_context(torch.cuda.device(device))
                     ctx.enter_context(torch.cuda.stream(side))
-                for batch in loader:
+                for batch in batches:
                     if stop.is_set():
                         return
                     item = _process_batch(batch, device, spec, model.image_size, dtype)

@@ -335,16 +335,15 @@ def test_background_thread_errors_reach_the_caller(tiny_model, mixed_sources, mo
     "decode" not in inspect.signature(embed_posts).parameters,
     reason="embed_posts has no decode parameter yet (gpu_decode integration not applied)",
 )
-@pytest.mark.parametrize("workers", [0, 2])
-def test_embed_posts_decode_gpu_matches_cpu(tiny_model, tmp_path, workers):
-    recs = make_shape_posts(tmp_path / "imgs", n_per=3)  # 72 posts
+def test_embed_posts_decode_gpu_matches_cpu(tiny_model, tmp_path):
+    recs = make_shape_posts(tmp_path / "imgs")  # 24 posts
     posts = read_posts(pl.DataFrame(recs), image_root=tmp_path / "imgs", check_images="none")
     bad = Path(posts.table["image_path"][5])
     bad.write_bytes(bad.read_bytes()[:300])  # truncated after the table was read
-    kw = {"show_progress": False, "num_workers": workers, "batch_size": 16}
+    kw = {"show_progress": False, "num_workers": 2, "batch_size": 8}
     a = embed_posts(posts, tiny_model, store=tmp_path / "a", decode="cpu", **kw)
     b = embed_posts(posts, tiny_model, store=tmp_path / "b", decode="gpu", **kw)
-    assert a.post_ids == b.post_ids and len(a) == 71
+    assert a.post_ids == b.post_ids and len(a) == 23
     assert len(a.rejects) == 1 and a.rejects["reason"].to_list() == b.rejects["reason"].to_list()
     np.testing.assert_allclose(a.text, b.text, atol=1e-6)
     assert float((a.image * b.image).sum(axis=1).min()) > 0.999

@@ -1,0 +1,268 @@
+"""Real-browser tests: the tutorial notebooks run in JupyterLab (headless Chromium) and their widgets work.
+
+Each test opens a notebook in a workspace of its own, runs every cell from the Run menu, waits for the kernel,
+then checks the widgets in the DOM (and, through them, the kernel's state): the Explorer's map draws and a click on
+a point opens that post with its neighbors; the Gap chart shows both caption kinds; the FineTune panel's Start
+button runs a short fine-tune to the end. Screenshots go to each test's ``tmp_path``, the best ones to ``docs/img``.
+
+Run with ``pytest tests/browser`` (needs Debian's ``/usr/bin/chromium``); they take a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+pytestmark = pytest.mark.browser
+
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+KERNEL_TIMEOUT_MS = 180_000
+RUN_TIMEOUT_MS = 600_000
+
+_RUN_STATE_JS = """() => {
+  const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')]
+    .map(p => p.textContent.trim());
+  const idle = !!document.querySelector(".jp-Notebook-ExecutionIndicator[data-status='idle']");
+  const errors = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')]
+    .filter(c => /Traceback|Error\\b.*\\n/.test(c.querySelector('.jp-OutputArea')?.innerText || '')
+                 && c.querySelector("[data-mime-type='application/vnd.jupyter.stderr']"))
+    .map(c => c.innerText.slice(-1500));
+  return {prompts, idle, errors};
+}"""
+
+
+def _open_notebook(page: Any, lab: Any, notebook: str) -> None:
+    """Open a notebook in a fresh workspace and wait until its kernel is idle."""
+    page.goto(lab.notebook_url(notebook), timeout=KERNEL_TIMEOUT_MS)
+    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=KERNEL_TIMEOUT_MS)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=KERNEL_TIMEOUT_MS)
+    time.sleep(2.0)
+    select = page.locator(".jp-Dialog button:has-text('Select')")
+    if select.count():  # a kernel chooser, when the notebook's kernel is not known
+        select.first.click()
+        page.wait_for_selector(
+            ".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=KERNEL_TIMEOUT_MS
+        )
+
+
+def _run_all(page: Any, notebook: str) -> None:
+    """Run all cells from the Run menu; wait until every code cell has an execution count (fail on an error)."""
+    started = "() => [...document.querySelectorAll('.jp-Notebook .jp-InputArea-prompt')].some(p => p.textContent.includes('*'))"
+    for attempt in range(3):  # on a loaded machine the first click can land before the kernel is ready
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        try:
+            page.wait_for_function(started, timeout=45_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
+            time.sleep(2.0)
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while True:
+        state = page.evaluate(_RUN_STATE_JS)
+        busy = any("*" in p for p in state["prompts"])
+        done = all(p[1:-2].strip().isdigit() for p in state["prompts"])
+        if not busy and state["idle"] and (done or state["errors"]):
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{notebook}: cells still running after {RUN_TIMEOUT_MS // 1000} s: {state['prompts']}"
+            )
+        time.sleep(1.0)
+    if state["errors"] or not done:
+        pytest.fail(
+            f"{notebook}: Run All stopped at an error. Prompts: {state['prompts']}\n"
+            + "\n----\n".join(state["errors"])
+        )
+    body = page.locator(".jp-Notebook").inner_text()
+    assert "Error displaying widget" not in body, f"{notebook}: a widget failed to display"
+
+
+def _check_console(page: Any, notebook: str) -> None:
+    console = page.console
+    assert not console.widget_errors(), f"{notebook}: widget errors in the browser: {console.widget_errors()}"
+
+
+def _shot(page: Any, selector: str, *paths: Path) -> None:
+    """Screenshot one element to every path, in a viewport tall enough to show all of it, without toasts."""
+    page.evaluate("() => document.querySelectorAll('.Toastify').forEach(e => e.remove())")
+    page.mouse.move(1, 1)  # no hover label over the picture
+    el = page.locator(selector).first
+    size = page.viewport_size
+    height = int(el.evaluate("e => e.getBoundingClientRect().height"))
+    width = int(el.evaluate("e => e.scrollWidth"))  # wide widgets overflow the notebook panel
+    page.set_viewport_size(
+        {"width": max(size["width"], width + 520), "height": max(size["height"], height + 300)}
+    )
+    try:
+        el.scroll_into_view_if_needed()
+        time.sleep(1.0)
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            el.screenshot(path=str(path))
+    finally:
+        page.set_viewport_size(size)
+
+
+# In the page: the Explorer map's graph div, and a well separated point of its "posts" trace (not already
+# marked as the open post or a neighbor), with its screen position and post id (hover texts read "<id>: <text>").
+_PICK_POINT_JS = """() => {
+  let gd = document.querySelector('.ccclip-map');
+  if (gd && !gd._fullLayout) gd = gd.querySelector('.js-plotly-plot');
+  const fl = gd._fullLayout;
+  const ti = gd.data.findIndex(t => t.name === 'posts');
+  const tr = gd.data[ti >= 0 ? ti : 0];
+  const card = document.querySelector('.ccclip-card .ccclip-card-body');
+  const open = card ? card.dataset.postId : null;
+  const listed = new Set([...document.querySelectorAll('.ccclip-neighbors .ccclip-neighbor-text')]
+    .map(e => e.dataset.postId));
+  const r = gd.getBoundingClientRect();
+  const pts = [];
+  for (let i = 0; i < tr.x.length; i++) {
+    pts.push({i, x: r.left + fl.xaxis._offset + fl.xaxis.l2p(tr.x[i]),
+              y: r.top + fl.yaxis._offset + fl.yaxis.l2p(tr.y[i]),
+              id: String(tr.hovertext ? tr.hovertext[i] : '').split(':')[0]});
+  }
+  let best = null, bestGap = -1;
+  for (const p of pts) {
+    if (!p.id || p.id === open || listed.has(p.id)) continue;
+    let gap = Infinity;
+    for (const q of pts) if (q !== p) gap = Math.min(gap, Math.hypot(p.x - q.x, p.y - q.y));
+    if (gap > bestGap) { best = p; bestGap = gap; }
+  }
+  return {point: best, open, n: pts.length};
+}"""
+
+
+def test_explorer_click_shows_neighbors(page: Any, lab: Any, tmp_path: Path) -> None:
+    nb = "notebooks/01_explore.ipynb"
+    _open_notebook(page, lab, nb)
+    _run_all(page, nb)
+
+    page.wait_for_selector(
+        ".ccclip-explorer .ccclip-map .main-svg", state="attached", timeout=KERNEL_TIMEOUT_MS
+    )
+    page.locator(".ccclip-explorer").first.scroll_into_view_if_needed()
+    page.wait_for_function(
+        "() => { const c = document.querySelector('.ccclip-map canvas.gl-canvas-context');"
+        " return !!c && c.width > 0 && c.height > 0; }",
+        timeout=KERNEL_TIMEOUT_MS,
+    )
+    plot = page.locator(".ccclip-map").first
+    plot.scroll_into_view_if_needed()
+    time.sleep(1.0)
+    picked = page.evaluate(_PICK_POINT_JS)
+    point = picked["point"]
+    assert point is not None, f"no clickable point found on the map ({picked})"
+    assert picked["n"] > 1
+
+    page.mouse.move(point["x"] - 3, point["y"] - 3)
+    page.mouse.move(point["x"], point["y"])
+    page.wait_for_selector(".hoverlayer .hovertext", timeout=30_000)
+    time.sleep(0.3)
+    page.mouse.click(point["x"], point["y"])
+
+    # The kernel answers the click: the card opens the clicked post (the lists are filled before the card).
+    page.wait_for_function(
+        "(id) => { const c = document.querySelector('.ccclip-card .ccclip-card-body');"
+        " return !!c && c.dataset.postId === id; }",
+        arg=point["id"],
+        timeout=60_000,
+    )
+    rows = page.locator(".ccclip-neighbors .ccclip-neighbor-text")
+    assert rows.count() > 0, "the neighbor panel lists no posts"
+    queries = {rows.nth(i).get_attribute("data-query") for i in range(rows.count())}
+    ids = [rows.nth(i).get_attribute("data-post-id") for i in range(rows.count())]
+    assert all(ids), f"neighbor rows without post ids: {ids}"
+    assert queries == {point["id"]}, f"neighbor rows answer {queries}, not the clicked post {point['id']}"
+    buttons = page.locator(".ccclip-neighbors .ccclip-neighbor-button").all_inner_texts()
+    assert buttons and buttons[0].strip().startswith("1."), buttons
+    assert ids[0] in buttons[0]
+    status = page.locator(".ccclip-status").first.inner_text()
+    assert point["id"] in status, f"status line does not name the open post: {status!r}"
+
+    _shot(page, ".ccclip-explorer", tmp_path / "explorer.png", DOCS_IMG / "explorer.png")
+    page.screenshot(path=str(tmp_path / "explorer-page.png"))
+    _check_console(page, nb)
+
+
+def test_gap_chart_shows_both_caption_kinds(page: Any, lab: Any, tmp_path: Path) -> None:
+    nb = "notebooks/03_the_gap.ipynb"
+    _open_notebook(page, lab, nb)
+    _run_all(page, nb)
+
+    page.wait_for_selector(".ccclip-gap-chart .main-svg", state="attached", timeout=KERNEL_TIMEOUT_MS)
+    page.locator(".ccclip-gap-chart").first.scroll_into_view_if_needed()
+    page.wait_for_function(
+        "() => document.querySelectorAll('.ccclip-gap-chart .legendtext').length >= 2", timeout=60_000
+    )
+    legend = " | ".join(page.locator(".ccclip-gap-chart .legendtext").all_text_contents())
+    assert "descriptive" in legend and "commentative" in legend, f"legend: {legend!r}"
+
+    _shot(page, ".ccclip-gap", tmp_path / "gap.png", DOCS_IMG / "gap.png")
+    page.screenshot(path=str(tmp_path / "gap-page.png"))
+    _check_console(page, nb)
+
+
+_WATCH_FT_JS = """() => {
+  window.__ftSeen = [];
+  const note = () => {
+    const s = document.querySelector('.ccclip-ft-status [data-status]');
+    const label = document.querySelector('.ccclip-ft-progress .widget-label');
+    const bar = document.querySelector('.ccclip-ft-progress .progress-bar');
+    window.__ftSeen.push({status: s ? s.dataset.status : null, label: label ? label.textContent : null,
+                          width: bar ? bar.style.width : null});
+  };
+  note();
+  new MutationObserver(note).observe(document.querySelector('.ccclip-ft'),
+    {subtree: true, childList: true, attributes: true, characterData: true});
+}"""
+
+
+def test_finetune_start_runs_to_finished(page: Any, lab: Any, tmp_path: Path) -> None:
+    nb = "notebooks/02_finetune.ipynb"
+    _open_notebook(page, lab, nb)
+    _run_all(page, nb)  # the notebook itself trains once (2 steps in smoke mode) and waits for it
+
+    status = page.locator(".ccclip-ft-status [data-status]").first
+    assert status.get_attribute("data-status") == "finished"
+    start = page.locator(".ccclip-ft-start").first
+    start.scroll_into_view_if_needed()
+    page.evaluate(_WATCH_FT_JS)
+    start.click()  # a second run, from a fresh copy of the base model
+
+    page.wait_for_function(
+        "() => window.__ftSeen.some(s => s.status === 'running')"
+        " && document.querySelector('.ccclip-ft-status [data-status]').dataset.status === 'finished'",
+        timeout=KERNEL_TIMEOUT_MS,
+    )
+    seen = page.evaluate("() => window.__ftSeen")
+    statuses = [s["status"] for s in seen]
+    assert "failed" not in statuses, seen
+    widths = [float(s["width"].rstrip("%")) for s in seen if s["width"]]
+    assert widths and min(widths) < 100.0, f"the progress bar never restarted: {seen}"
+    bar_width = page.locator(".ccclip-ft-progress .progress-bar").first.evaluate("e => e.style.width")
+    assert float(bar_width.rstrip("%") or 0) > 0, f"progress bar at {bar_width!r} after a finished run"
+    label = page.locator(".ccclip-ft-progress .widget-label").first.inner_text()
+    done, _, total = label.partition("/")
+    assert int(done) > 0 and int(total) > 0, f"progress label {label!r}"
+
+    try:  # let the loss curve draw its points before the picture (not asserted: plotly redraws lazily)
+        page.wait_for_function(
+            "() => { let g = document.querySelector('.ccclip-ft-loss');"
+            " if (g && !g._fullLayout) g = g.querySelector('.js-plotly-plot');"
+            " return !!g && !!g.data && g.data.length > 0 && g.data[0].x && g.data[0].x.length > 0; }",
+            timeout=20_000,
+        )
+    except PlaywrightTimeout:
+        warnings.warn("the FineTune loss curve showed no points after a finished run", stacklevel=1)
+    _shot(page, ".ccclip-ft", tmp_path / "finetune.png", DOCS_IMG / "finetune.png")
+    page.screenshot(path=str(tmp_path / "finetune-page.png"))
+    _check_console(page, nb)
