@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from ._common import escape, require_plotly, require_widgets
+from ._common import escape, register_callback, require_plotly, require_widgets
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..embed import Embeddings
@@ -249,12 +249,7 @@ class FineTune:
     # ---------------------------------------------------------------------------------------------- callbacks
     def _register(self, event: str, callback: Callable[..., Any], remove: bool) -> FineTune:
         with self._lock:
-            cbs = self._callbacks[event]
-            if remove:
-                if callback in cbs:
-                    cbs.remove(callback)
-            elif callback not in cbs:
-                cbs.append(callback)
+            register_callback(self._callbacks[event], callback, remove)
         return self
 
     def on_step(self, callback: Callable[[StepInfo], Any], remove: bool = False) -> FineTune:
