@@ -11,15 +11,20 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "CacheCorruptionWarning",
     "DiskFullError",
     "atomic_dir",
     "atomic_write_bytes",
@@ -27,8 +32,15 @@ __all__ = [
     "atomic_write_text",
     "blake2b_file",
     "blake2b_hex",
+    "check_seal",
+    "clean_stale_temps",
     "default_cache_dir",
+    "folder_checksum_problem",
+    "is_disk_full",
+    "raise_if_disk_full",
+    "record_file_checksums",
     "repo_data_dir",
+    "seal",
 ]
 
 
@@ -44,6 +56,15 @@ _FILE_MODE = 0o666 & ~_current_umask()
 
 class DiskFullError(OSError):
     """Raised when a write fails because the disk is full; existing files are left untouched."""
+
+
+class CacheCorruptionWarning(UserWarning):
+    """A cached file failed its checksum or could not be read; it is set aside and recomputed."""
+
+
+#: Temporary names made by this module: ``.<name>.<random>.tmp`` (files and folders) and ``.<name>.<hex>.old``
+#: (a folder moved aside by :func:`atomic_dir` just before its replacement is renamed into place).
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[A-Za-z0-9_]+)\.(?P<kind>tmp|old)$")
 
 
 def default_cache_dir() -> Path:
@@ -98,14 +119,167 @@ def blake2b_file(path: str | os.PathLike[str], digest_size: int = 16, chunk: int
     return h.hexdigest()
 
 
+#: Key under which :func:`seal` stores a JSON document's own checksum.
+SEAL_KEY = "json_blake2b"
+
+
+def _canonical(obj: dict[str, Any]) -> str:
+    body = {k: v for k, v in obj.items() if k != SEAL_KEY}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def seal(obj: dict[str, Any]) -> dict[str, Any]:
+    """Return ``obj`` with its own BLAKE2b checksum added under ``"json_blake2b"``.
+
+    The checksum covers the canonical JSON of every other key (sorted keys, no whitespace), so a document
+    whose values were altered, even to other valid JSON, is caught by :func:`check_seal`.
+    """
+    out = {k: v for k, v in obj.items() if k != SEAL_KEY}
+    out[SEAL_KEY] = blake2b_hex(_canonical(json.loads(json.dumps(out, default=str))))
+    return out
+
+
+def check_seal(obj: Any, path: str | os.PathLike[str]) -> str | None:
+    """Why the sealed JSON document ``obj`` read from ``path`` is not intact, or None when it is.
+
+    A document without a seal (written by an older version) is accepted.
+    """
+    if not isinstance(obj, dict):
+        return f"{path} does not hold a JSON object"
+    if SEAL_KEY not in obj:
+        return None
+    if obj[SEAL_KEY] != blake2b_hex(_canonical(obj)):
+        return f"{path} was altered after it was written (its {SEAL_KEY} does not match its content)"
+    return None
+
+
+#: Key of the ``{file name: BLAKE2b}`` table that :func:`record_file_checksums` adds to a folder's JSON.
+FILES_KEY = "files_blake2b"
+
+
+def record_file_checksums(folder: str | os.PathLike[str], meta_name: str) -> dict[str, Any]:
+    """Add the checksum of every other file in ``folder`` to its JSON ``meta_name``, and seal that JSON.
+
+    Meant for a folder that is still being built under a temporary name (see :func:`atomic_dir`): the JSON is
+    rewritten in place.
+
+    Parameters
+    ----------
+    folder
+        The folder (only its top-level files are covered; a subfolder carries its own JSON).
+    meta_name
+        The JSON file that describes the folder (it must exist).
+
+    Returns
+    -------
+    dict
+        The sealed JSON written.
+    """
+    root = Path(folder)
+    meta_path = root / meta_name
+    meta = json.loads(meta_path.read_text("utf-8"))
+    files = {
+        child.name: blake2b_file(child)
+        for child in sorted(root.iterdir())
+        if child.is_file() and child.name != meta_name and not child.name.startswith(".")
+    }
+    meta[FILES_KEY] = files
+    sealed = seal(meta)
+    meta_path.write_text(json.dumps(sealed, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return sealed
+
+
+def folder_checksum_problem(
+    folder: str | os.PathLike[str], meta_name: str, required: Collection[str] = ()
+) -> str | None:
+    """What is wrong with a folder described by a sealed JSON with checksums, or None when it is intact.
+
+    Parameters
+    ----------
+    folder
+        The folder.
+    meta_name
+        Its JSON (as written by :func:`record_file_checksums`). A JSON without checksums (written by an older
+        version) is accepted as it is: there is nothing to check it against.
+    required
+        Files that must be listed in the JSON (when it lists checksums at all).
+
+    Returns
+    -------
+    str or None
+        A sentence naming the damaged file and the damage.
+    """
+    root = Path(folder)
+    meta_path = root / meta_name
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+    except FileNotFoundError:
+        return f"{meta_path} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{meta_path} is unreadable ({exc})"
+    problem = check_seal(meta, meta_path)
+    if problem is not None:
+        return problem
+    files = meta.get(FILES_KEY)
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return f"{meta_path} has a malformed {FILES_KEY}"
+    for name in required:
+        if name not in files:
+            return f"{root / name} is not covered by the checksums in {meta_path}"
+    for name, digest in files.items():
+        path = root / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if blake2b_file(path) != digest:
+            return f"{path} is damaged (checksum mismatch: truncated or altered after it was written)"
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a full disk or an exhausted quota.
+
+    ``OSError`` carries ``errno``; libraries that write from C or Rust (FAISS, safetensors, Arrow) raise their own
+    exception types whose message holds the system's text, so that is checked too.
+    """
+    if isinstance(exc, DiskFullError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(
+        s in text for s in ("No space left on device", "Disk quota exceeded", "os error 28", "errno 28")
+    )
+
+
+def raise_if_disk_full(exc: BaseException, path: str | os.PathLike[str], what_to_do: str = "") -> None:
+    """Raise :class:`DiskFullError` (chained to ``exc``) when ``exc`` means the disk is full; else return.
+
+    Parameters
+    ----------
+    exc
+        The exception a write raised.
+    path
+        The file or folder being written (named in the message).
+    what_to_do
+        Extra advice appended to the message.
+    """
+    if isinstance(exc, DiskFullError):
+        raise exc
+    if not is_disk_full(exc):
+        return
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.ENOSPC
+    raise DiskFullError(
+        code,
+        f"No space left on the device while writing {path}. The previous version of the file (if any) is "
+        "unchanged and nothing half-written was left behind; free some disk space or point the output to "
+        "another disk, then run again: finished work is reused." + (f" {what_to_do}" if what_to_do else ""),
+    ) from exc
+
+
 def _raise_disk_full(exc: OSError, path: Path) -> None:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise DiskFullError(
-            exc.errno,
-            f"No space left on the device while writing {path}. The previous version of the file (if any) is "
-            "unchanged; free some disk space or point the output to another disk, then run again: finished "
-            "work is reused.",
-        ) from exc
+    raise_if_disk_full(exc, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -129,8 +303,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         When the disk is full; the destination keeps its previous content.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_disk_full(exc, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -165,7 +343,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a folder under a temporary name and move it into place only when the block succeeds.
 
     An existing folder at ``path`` is replaced (moved aside, then removed) only after the new one is complete,
-    so a reader never sees a half-written folder.
+    so a reader never sees a half-written folder. A process killed between the two renames leaves the previous
+    version as ``.<name>.<hex>.old``; :func:`clean_stale_temps` puts it back.
 
     Parameters
     ----------
@@ -176,13 +355,26 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     ------
     Path
         The temporary folder to fill.
+
+    Raises
+    ------
+    DiskFullError
+        When the disk fills up while the block writes; the previous folder (if any) is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise_if_disk_full(exc, path)
+        raise
     try:
         yield tmp
+        for child in sorted(tmp.rglob("*")):  # the data reaches the disk before the rename makes it visible
+            if child.is_file() and not child.is_symlink():
+                with open(child, "rb") as fh:
+                    os.fsync(fh.fileno())
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
@@ -190,6 +382,48 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, path)
         raise
+
+
+def clean_stale_temps(folder: str | os.PathLike[str], only: Collection[str] | None = None) -> list[Path]:
+    """Remove what killed writers left in ``folder``: temporary files and folders, folders moved aside.
+
+    Only call it while holding the lock that every writer of ``folder`` holds (so no temporary name belongs to
+    a write still in progress). A ``.<name>.<hex>.old`` folder whose ``<name>`` no longer exists is the previous
+    complete version of a folder whose replacement was interrupted between two renames: it is renamed back.
+
+    Parameters
+    ----------
+    folder
+        The folder to tidy (missing: nothing happens).
+    only
+        Restrict it to the temporary names of these entries (when other entries of the folder are guarded by
+        other locks).
+
+    Returns
+    -------
+    list of Path
+        The entries removed or restored.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    done: list[Path] = []
+    for entry in sorted(root.iterdir()):
+        m = _TEMP_RE.match(entry.name)
+        if m is None or (only is not None and m.group("name") not in only):
+            continue
+        target = root / m.group("name")
+        if m.group("kind") == "old" and entry.is_dir() and not target.exists():
+            os.replace(entry, target)
+            log.warning("Restored %s from %s (its replacement was interrupted)", target, entry.name)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        done.append(entry)
+    return done

@@ -7,10 +7,15 @@ point and run it again: finished parts are reused, nothing half-written is read 
 
 Under ``torchrun`` (or any initialised ``torch.distributed`` process group) each rank encodes a disjoint
 share of the missing images and texts into the same store, then every rank reads the merged result.
+
+Two independent processes (two notebooks, two jobs) embedding into the same store do not duplicate work or
+damage the store: the second waits for the store's writer lock, with a message naming the first, then finds
+what the first stored and encodes only what is still missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -283,6 +288,7 @@ def embed_posts(
     part_size: int = 2048,
     show_progress: bool = True,
     decode: str = "auto",
+    lock_timeout: float | None = None,
 ) -> Embeddings:
     """Embed every post's image and text, reusing and filling an on-disk store.
 
@@ -308,11 +314,21 @@ def embed_posts(
         ``"auto"``: JPEGs are decoded in batches on the GPU (nvJPEG) when the model is on CUDA, else with PIL
         in worker processes; ``"gpu"`` forces the batched pipeline, ``"cpu"`` forces PIL workers
         (see :mod:`ccclip_widgets.gpu_decode`).
+    lock_timeout
+        Seconds to wait when another process is writing into the same store (``None``: wait until it is done,
+        then reuse its vectors). The wait is announced with a logging warning naming that process.
 
     Returns
     -------
     Embeddings
         Vectors aligned with the posts; posts whose image could not be decoded are in ``rejects``.
+
+    Raises
+    ------
+    ccclip_widgets._io.DiskFullError
+        The disk filled up; every part written before is intact and is reused by the next run.
+    ccclip_widgets._lock.LockTimeout
+        Another process kept the store locked for longer than ``lock_timeout``.
     """
     t0 = time.perf_counter()
     rank, world = _dist_info()
@@ -328,37 +344,46 @@ def embed_posts(
     table = posts.table
     model.model.eval()
 
-    # Every rank decides what is missing from the same snapshot of the store (the barrier after the
-    # look-ups), so the shares ``rank::world`` of the missing items are disjoint and cover everything.
+    # Rank 0 holds the store's writer lock for the whole group: another job writing into the same store
+    # finishes first (the lock), then every rank decides what is missing from the same snapshot of the store
+    # (the barriers around the look-ups), so the shares ``rank::world`` of the missing items are disjoint and
+    # cover everything, and nothing another process already stored is encoded again.
     uniq_text = table.select("text_key", "text").unique("text_key", keep="first", maintain_order=True)
     uniq_img = table.select("image_key", "image_path", "image_bytes").unique(
         "image_key", keep="first", maintain_order=True
     )
-    have_t = store.has("texts", uniq_text["text_key"].to_list())
-    have_i = store.has("images", uniq_img["image_key"].to_list())
-    _barrier()
-    todo_t = uniq_text.filter(pl.Series(~have_t))
-    todo_i = uniq_img.filter(pl.Series(~have_i))
-    mine_t = todo_t.gather_every(world, offset=rank) if world > 1 else todo_t
-    mine_i = todo_i.gather_every(world, offset=rank) if world > 1 else todo_i
-    truncated = model.count_truncated(uniq_text["text"].to_list())
+    lock = (
+        store.lock(timeout=lock_timeout, purpose=f"embedding {len(table)} posts into")
+        if rank == 0
+        else contextlib.nullcontext()
+    )
+    with lock:
+        _barrier()
+        have_t = store.has("texts", uniq_text["text_key"].to_list())
+        have_i = store.has("images", uniq_img["image_key"].to_list())
+        _barrier()
+        todo_t = uniq_text.filter(pl.Series(~have_t))
+        todo_i = uniq_img.filter(pl.Series(~have_i))
+        mine_t = todo_t.gather_every(world, offset=rank) if world > 1 else todo_t
+        mine_i = todo_i.gather_every(world, offset=rank) if world > 1 else todo_i
+        truncated = model.count_truncated(uniq_text["text"].to_list())
 
-    # ---- texts
-    if len(mine_t):
-        bar = _tqdm(total=len(mine_t), desc="embedding texts", unit="text", disable=not show_progress)
-        for part in _chunks(mine_t, part_size):
-            vecs = encode_texts(model, part["text"].to_list(), batch_size=text_batch_size)
-            store.write_part("texts", part["text_key"].to_list(), vecs)
-            bar.update(len(part))
-        bar.close()
+        # ---- texts
+        if len(mine_t):
+            bar = _tqdm(total=len(mine_t), desc="embedding texts", unit="text", disable=not show_progress)
+            for part in _chunks(mine_t, part_size):
+                vecs = encode_texts(model, part["text"].to_list(), batch_size=text_batch_size)
+                store.write_part("texts", part["text_key"].to_list(), vecs)
+                bar.update(len(part))
+            bar.close()
 
-    # ---- images
-    failures: dict[str, str] = {}
-    if len(mine_i):
-        failures = _embed_images(
-            model, mine_i, store, batch_size, num_workers, part_size, show_progress, decode
-        )
-    _barrier()
+        # ---- images
+        failures: dict[str, str] = {}
+        if len(mine_i):
+            failures = _embed_images(
+                model, mine_i, store, batch_size, num_workers, part_size, show_progress, decode
+            )
+        _barrier()
     if world > 1:
         failures = _gather_failures(failures)
 

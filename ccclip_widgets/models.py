@@ -38,7 +38,14 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_dir, blake2b_hex, default_cache_dir, repo_data_dir
+from ._io import (
+    atomic_dir,
+    blake2b_hex,
+    default_cache_dir,
+    folder_checksum_problem,
+    record_file_checksums,
+    repo_data_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,37 @@ PKG_PREFIX = "pkg:"
 
 class ModelLoadError(RuntimeError):
     """A model spec could not be turned into a model (bad spec, missing file, incompatible weights)."""
+
+
+class CheckpointIntegrityError(ModelLoadError):
+    """A checkpoint's file is truncated, altered or missing: it does not match the checksums in its JSON."""
+
+
+def verify_checkpoint_folder(
+    folder: str | os.PathLike[str], meta_name: str, required: tuple[str, ...]
+) -> None:
+    """Check a checkpoint folder's files against the checksums in its JSON (``ccclip.json`` and the like).
+
+    Parameters
+    ----------
+    folder
+        The checkpoint folder.
+    meta_name
+        Its JSON file.
+    required
+        Files that must be covered by the checksums.
+
+    Raises
+    ------
+    CheckpointIntegrityError
+        Naming the damaged or missing file.
+    """
+    problem = folder_checksum_problem(folder, meta_name, required)
+    if problem is not None:
+        raise CheckpointIntegrityError(
+            f"Checkpoint {folder} cannot be used: {problem}. It was not loaded; use another checkpoint (or the "
+            "original copy of this one)."
+        )
 
 
 class ModelUnavailableError(ModelLoadError):
@@ -616,7 +654,8 @@ def _load_toolkit_checkpoint(folder: Path, device: torch.device, precision: str,
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"Unreadable checkpoint metadata {meta_path}: {exc}") from exc
+        raise CheckpointIntegrityError(f"Unreadable checkpoint metadata {meta_path}: {exc}") from exc
+    verify_checkpoint_folder(folder, CHECKPOINT_META, (meta.get("weights", WEIGHTS_FILE),))
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ModelLoadError(
             f"{meta_path} was written by a newer ccclip_widgets (format {meta['format_version']}); upgrade."
@@ -683,7 +722,8 @@ def save_checkpoint(
 
     The folder holds ``open_clip_model.safetensors`` (the state dict), ``open_clip_config.json`` (``model_cfg``
     and ``preprocess_cfg``, so ``open_clip.create_model('local-dir:FOLDER')`` works) and ``ccclip.json``
-    (architecture, preprocessing, provenance, fingerprint, anything in ``extra``). It is written atomically.
+    (architecture, preprocessing, provenance, fingerprint, anything in ``extra``, the BLAKE2b checksum of every
+    other file, and its own checksum; :func:`load_model` verifies them). It is written atomically.
 
     Parameters
     ----------
@@ -747,6 +787,7 @@ def save_checkpoint(
             )
         )
         (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        record_file_checksums(tmp, CHECKPOINT_META)
     return out
 
 

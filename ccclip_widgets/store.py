@@ -17,16 +17,25 @@ recomputed). Reading everything::
 
     import polars as pl
     pl.read_parquet("STORE/<fingerprint>/images/*.parquet")
+
+Concurrent use: writers (:func:`~ccclip_widgets.embed.embed_posts`) and :meth:`EmbeddingStore.compact` hold the
+store's lock file ``STORE/<fingerprint>/.lock`` exclusively, so a second process waits (with a message naming the
+first) and then reuses what the first wrote. Readers need no lock: parts never change once visible, and a part
+that disappears under a reader (merged by a compaction) sends it back to the listing, where the merged part is
+already in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import re
 import uuid
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +43,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ._io import atomic_write_bytes, atomic_write_json, blake2b_file, blake2b_hex
+from ._io import (
+    CacheCorruptionWarning,
+    atomic_write_bytes,
+    atomic_write_json,
+    blake2b_hex,
+    clean_stale_temps,
+)
+from ._lock import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +61,10 @@ _PART_RE = re.compile(r"^part-(?P<id>[0-9a-z\-]+)-(?P<sum>[0-9a-f]{32})\.parquet
 KINDS = ("images", "texts")
 
 
-class StoreCorruptionWarning(UserWarning):
+LOCK_FILE = ".lock"
+
+
+class StoreCorruptionWarning(CacheCorruptionWarning):
     """A stored part failed its checksum and was ignored (its vectors will be recomputed)."""
 
 
@@ -97,11 +116,20 @@ class EmbeddingStore:
         for kind in KINDS:
             (store.path / kind).mkdir(exist_ok=True)
         manifest = store.path / "manifest.json"
+        existing = None
         if manifest.is_file():
             try:
-                existing = json.loads(manifest.read_text())
-            except json.JSONDecodeError:
+                existing = json.loads(manifest.read_text("utf-8"))
+                if not isinstance(existing, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as exc:
                 existing = None
+                warnings.warn(
+                    f"Embedding store manifest {manifest} is damaged ({exc}); it is written again from the model "
+                    "(the vectors are in the parts, which carry their own checksums).",
+                    StoreCorruptionWarning,
+                    stacklevel=2,
+                )
             if existing is not None and int(existing.get("dim", dim)) != int(dim):
                 raise ValueError(
                     f"Store {store.path} holds {existing['dim']}-d vectors but the model makes {dim}-d vectors; "
@@ -134,24 +162,31 @@ class EmbeddingStore:
         seen = self._seen_parts.setdefault(kind, set())
         index = self._cache.setdefault(kind, {})
         new_frames = []
-        for part in self.parts(kind):
-            if part.name in seen:
-                continue
-            seen.add(part.name)
-            expected = _PART_RE.match(part.name).group("sum")  # type: ignore[union-attr]
-            try:
-                actual = blake2b_file(part)
-            except OSError:
-                continue
-            if actual != expected:
-                self._report_corrupt(part, "checksum mismatch")
-                continue
-            try:
-                frame = pl.read_parquet(part)
-            except Exception as exc:
-                self._report_corrupt(part, f"unreadable: {exc}")
-                continue
-            new_frames.append(frame)
+        for _attempt in range(20):
+            vanished = False
+            for part in self.parts(kind):
+                if part.name in seen:
+                    continue
+                try:
+                    data = part.read_bytes()  # one read: hashed and parsed from the same bytes
+                except FileNotFoundError:
+                    vanished = True  # merged by a compaction meanwhile: its merged part is already listed
+                    continue
+                seen.add(part.name)
+                expected = _PART_RE.match(part.name).group("sum")  # type: ignore[union-attr]
+                if blake2b_hex(data) != expected:
+                    self._report_corrupt(part, "checksum mismatch: truncated or altered after it was written")
+                    continue
+                try:
+                    frame = pl.read_parquet(io.BytesIO(data))
+                    if frame.columns[:2] != ["key", "vector"]:
+                        raise ValueError(f"unexpected columns {frame.columns}")
+                except Exception as exc:
+                    self._report_corrupt(part, f"unreadable: {exc}")
+                    continue
+                new_frames.append(frame)
+            if not vanished:
+                break
         if not new_frames:
             return
         frame = pl.concat([f.select("key", "vector") for f in new_frames])
@@ -163,8 +198,6 @@ class EmbeddingStore:
             index.setdefault(key, base + i)
 
     def _report_corrupt(self, part: Path, why: str) -> None:
-        import warnings
-
         self.corrupt_parts.append(part)
         quarantine = part.with_name(part.name + ".corrupt")
         try:
@@ -173,7 +206,7 @@ class EmbeddingStore:
             quarantine = part
         warnings.warn(
             f"Embedding store part {part} is damaged ({why}); it was moved to {quarantine.name} and its vectors "
-            "will be recomputed.",
+            "will be recomputed (run embed_posts again). Delete the .corrupt file once you no longer need it.",
             StoreCorruptionWarning,
             stacklevel=3,
         )
@@ -242,17 +275,58 @@ class EmbeddingStore:
         name = f"part-{uuid.uuid4().hex[:12]}-{checksum}.parquet"
         return atomic_write_bytes(self.path / kind / name, data)
 
-    def compact(self, kind: str) -> None:
-        """Merge all parts of ``kind`` into one (fewer files to open); safe to interrupt."""
-        parts = self.parts(kind)
-        if len(parts) <= 1:
-            return
-        self.refresh(kind)
-        index = self._cache.get(kind, {})
-        keys = list(index)
-        vecs = self._vectors[kind][np.fromiter(index.values(), dtype=np.int64, count=len(keys))]
-        self.write_part(kind, keys, vecs)
-        for p in parts:
-            p.unlink(missing_ok=True)
-            self._seen_parts.get(kind, set()).discard(p.name)
-        self._seen_parts[kind] = {p.name for p in self.parts(kind)}
+    # ------------------------------------------------------------------------------------ concurrency
+    @contextlib.contextmanager
+    def lock(self, *, timeout: float | None = None, purpose: str = "writing") -> Iterator[None]:
+        """Hold the store's writer lock (exclusive, between processes) for the block.
+
+        The first holder in a process also removes temporary files that killed writers left behind (safe then:
+        no other writer is active).
+
+        Parameters
+        ----------
+        timeout
+            Seconds to wait when another process holds it (``None``: as long as it takes).
+        purpose
+            Shown to processes that have to wait.
+
+        Raises
+        ------
+        ccclip_widgets._lock.LockTimeout
+            When the lock stays busy for ``timeout`` seconds.
+        """
+        with file_lock(self.path / LOCK_FILE, timeout=timeout, purpose=f"{purpose} {self.path}"):
+            for kind in KINDS:
+                clean_stale_temps(self.path / kind)
+            yield
+
+    def compact(self, kind: str, *, timeout: float | None = None) -> None:
+        """Merge all parts of ``kind`` into one (fewer files to open); safe to interrupt.
+
+        It holds the writer lock, so it waits for a process that is embedding into the store (and such a
+        process waits for it). The merged part is renamed into place before any old part is deleted: a reader
+        always finds every vector, and an interrupted compaction leaves at worst duplicates, merged next time.
+
+        Parameters
+        ----------
+        kind
+            ``"images"`` or ``"texts"``.
+        timeout
+            Seconds to wait for the writer lock.
+        """
+        with self.lock(timeout=timeout, purpose="compacting"):
+            parts = self.parts(kind)
+            if len(parts) <= 1:
+                return
+            self.refresh(kind)
+            index = self._cache.get(kind, {})
+            if not index:
+                return
+            keys = list(index)
+            vecs = self._vectors[kind][np.fromiter(index.values(), dtype=np.int64, count=len(keys))]
+            merged = self.write_part(kind, keys, vecs)
+            for p in parts:
+                if merged is not None and p.name == merged.name:
+                    continue
+                p.unlink(missing_ok=True)
+            self._seen_parts[kind] = {p.name for p in self.parts(kind)}

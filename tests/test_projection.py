@@ -11,6 +11,7 @@ pytest.importorskip("umap")
 pytest.importorskip("faiss")
 
 from ccclip_widgets import projection
+from ccclip_widgets._io import CacheCorruptionWarning
 from ccclip_widgets.neighbors import NeighborIndex
 from ccclip_widgets.projection import (
     align_layout,
@@ -135,7 +136,8 @@ def test_cache_hit_returns_identical_coords(tmp_path):
     raw = bytearray(npy.read_bytes())
     raw[-1] ^= 0xFF
     npy.write_bytes(bytes(raw))
-    c = cached_projection(tmp_path, "fp", params, compute)
+    with pytest.warns(CacheCorruptionWarning, match=r"umap-[0-9a-f]+\.npy is damaged"):
+        c = cached_projection(tmp_path, "fp", params, compute)
     assert len(calls) == 4 and not np.array_equal(c, a)
     assert not list(tmp_path.glob("*.tmp"))
 

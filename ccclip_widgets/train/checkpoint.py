@@ -14,34 +14,53 @@ A full-model folder is what :func:`~ccclip_widgets.models.save_checkpoint` write
 ``adapter_model.safetensors`` + ``ccclip_adapter.json`` (see :mod:`.lora`). ``trainer_state.pt`` holds only
 tensors, dicts, lists, numbers and strings, and is read back with ``torch.load(..., weights_only=True)``:
 nothing is ever unpickled. Every folder is built under a temporary name and renamed into place.
+
+Integrity: the folder's JSON (``ccclip.json`` or ``ccclip_adapter.json``) lists the BLAKE2b checksum of every
+other file (weights, config, trainer state) and carries its own checksum. Loading verifies them: a checkpoint
+named explicitly that fails is refused with :class:`~ccclip_widgets.models.CheckpointIntegrityError` (naming the
+file and the previous good checkpoint); resuming from a run folder skips a damaged newest checkpoint with a
+warning, sets it aside as ``checkpoint-N.corrupt`` and resumes from the previous good one.
+
+Concurrency: a run folder is locked (``run.lock``) by the process training into it; a second one is refused at
+once. Holding that lock, the trainer removes temporary folders that a killed run left behind and puts back a
+``best/`` or ``final/`` whose replacement was interrupted between its two renames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._io import atomic_dir, atomic_write_json
+from .._io import atomic_dir, atomic_write_json, clean_stale_temps, record_file_checksums
+from .._lock import LockTimeout, file_lock
 
 __all__ = [
     "CHECKPOINT_PREFIX",
     "RUN_FILE",
     "TRAINER_STATE",
+    "CheckpointCorruptionWarning",
     "capture_rng",
     "checkpoint_name",
     "find_checkpoint",
     "list_checkpoints",
     "load_trainer_state",
     "prune_checkpoints",
+    "resolve_resume",
     "restore_rng",
+    "run_lock",
+    "verify_checkpoint",
     "write_folder",
     "write_run_file",
 ]
@@ -49,7 +68,12 @@ __all__ = [
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.pt"
 RUN_FILE = "run.json"
+RUN_LOCK = "run.lock"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointCorruptionWarning(UserWarning):
+    """A damaged checkpoint was set aside and training resumed from the previous good one."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -95,7 +119,14 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
     found = list_checkpoints(run_dir)
     doomed = found[:-keep] if keep > 0 else found
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        # Renamed to a temporary name first: a process killed while deleting leaves no half-deleted checkpoint
+        # under a checkpoint's name, only a temporary folder that the next run removes.
+        trash = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            os.replace(p, trash)
+        except OSError:
+            trash = p
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
@@ -162,14 +193,159 @@ def write_folder(
     -------
     Path
     """
+    from ..models import CHECKPOINT_META
+    from .lora import ADAPTER_META
+
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         write_model(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
-            with open(tmp / TRAINER_STATE, "rb") as fh:
-                os.fsync(fh.fileno())
+        meta = next((m for m in (CHECKPOINT_META, ADAPTER_META) if (tmp / m).is_file()), None)
+        if meta is not None:  # the JSON now covers the trainer state too
+            record_file_checksums(tmp, meta)
     return folder
+
+
+def _meta_name(folder: Path) -> str | None:
+    from ..models import CHECKPOINT_META
+    from .lora import ADAPTER_META
+
+    return next((m for m in (CHECKPOINT_META, ADAPTER_META) if (folder / m).is_file()), None)
+
+
+def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Check every file of a checkpoint folder against the checksums in its JSON.
+
+    Parameters
+    ----------
+    folder
+        A ``checkpoint-N``, ``best`` or ``final`` folder.
+
+    Raises
+    ------
+    ccclip_widgets.models.CheckpointIntegrityError
+        A file is missing, truncated or altered (the message names it), or the folder has no JSON.
+    """
+    from ..models import WEIGHTS_FILE, CheckpointIntegrityError, verify_checkpoint_folder
+    from .lora import ADAPTER_META, ADAPTER_WEIGHTS
+
+    folder = Path(folder)
+    meta = _meta_name(folder)
+    if meta is None:
+        raise CheckpointIntegrityError(
+            f"Checkpoint {folder} cannot be used: it holds neither ccclip.json nor {ADAPTER_META}."
+        )
+    required = [ADAPTER_WEIGHTS if meta == ADAPTER_META else WEIGHTS_FILE]
+    if (folder / TRAINER_STATE).exists():
+        required.append(TRAINER_STATE)
+    verify_checkpoint_folder(folder, meta, tuple(required))
+
+
+def _step_of(folder: Path) -> int:
+    m = _CKPT_RE.match(folder.name)
+    return int(m.group(1)) if m else -1
+
+
+def _problem(folder: Path) -> str | None:
+    from ..models import CheckpointIntegrityError
+
+    try:
+        verify_checkpoint(folder)
+    except CheckpointIntegrityError as exc:
+        return str(exc)
+    except OSError as exc:  # vanished or unreadable while checking
+        return f"Checkpoint {folder} cannot be read: {exc}"
+    return None
+
+
+def resolve_resume(path: str | os.PathLike[str], *, set_aside: bool = True) -> Path | None:
+    """The verified checkpoint to resume from.
+
+    Parameters
+    ----------
+    path
+        A ``checkpoint-N`` folder (used as it is, or refused when damaged) or a run's output folder (its newest
+        intact checkpoint: damaged newer ones are skipped with a :class:`CheckpointCorruptionWarning`).
+    set_aside
+        Rename a damaged checkpoint of a run folder to ``checkpoint-N.corrupt`` so that it is never picked again
+        (only the process holding the run's lock should do this).
+
+    Returns
+    -------
+    Path or None
+        None when ``path`` holds no checkpoint at all.
+
+    Raises
+    ------
+    ccclip_widgets.models.CheckpointIntegrityError
+        An explicitly named checkpoint is damaged (the message names the file and the previous good checkpoint),
+        or every checkpoint of the run folder is.
+    """
+    from ..models import CheckpointIntegrityError
+
+    p = Path(path)
+    if (p / TRAINER_STATE).is_file() or _CKPT_RE.match(p.name) and p.is_dir():
+        problem = _problem(p)
+        if problem is None:
+            return p
+        earlier = [c for c in list_checkpoints(p.parent) if _step_of(c) < _step_of(p) and _problem(c) is None]
+        hint = (
+            f"The previous good checkpoint is {earlier[-1]}: resume from it (resume_from={str(earlier[-1])!r}), "
+            f"or from the run folder {str(p.parent)!r}, which skips damaged checkpoints."
+            if earlier
+            else f"There is no earlier intact checkpoint in {p.parent}; start the run again."
+        )
+        raise CheckpointIntegrityError(f"{problem} {hint}")
+    found = list_checkpoints(p)
+    damaged: list[str] = []
+    for folder in reversed(found):
+        problem = _problem(folder)
+        if problem is None:
+            if damaged:
+                warnings.warn(
+                    f"{'; '.join(damaged)}. Resuming from {folder.name}, the newest intact checkpoint.",
+                    CheckpointCorruptionWarning,
+                    stacklevel=3,
+                )
+            return folder
+        note = problem
+        if set_aside:
+            target = folder.with_name(folder.name + ".corrupt")
+            with contextlib.suppress(OSError):
+                if target.exists():
+                    shutil.rmtree(target, ignore_errors=True)
+                os.replace(folder, target)
+                note += f" It was set aside as {target.name}."
+        damaged.append(note)
+    if damaged:
+        raise CheckpointIntegrityError(
+            f"No intact checkpoint in {p}: {'; '.join(damaged)}. Start the run again (in a new folder, or after "
+            "removing the damaged ones)."
+        )
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold a run folder's lock (refusing at once when another process trains into it) and tidy the folder.
+
+    Raises
+    ------
+    RuntimeError
+        Another live process holds the lock.
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(run / RUN_LOCK, timeout=0, purpose="fine-tuning"):
+            clean_stale_temps(run)
+            yield run
+    except LockTimeout as exc:
+        raise RuntimeError(
+            f"Another process is fine-tuning into {run} right now ({exc}). Give this run another out_dir, or "
+            "wait for that one to end and resume from its folder."
+        ) from exc
 
 
 def save_model_into(tmp: Path, clip: Any, **kwargs: Any) -> None:
@@ -186,23 +362,38 @@ def save_model_into(tmp: Path, clip: Any, **kwargs: Any) -> None:
 def load_trainer_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``trainer_state.pt`` with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
+    The folder's checksums are verified first.
+
     Raises
     ------
     FileNotFoundError
         When the folder holds no trainer state.
+    ccclip_widgets.models.CheckpointIntegrityError
+        When a file is damaged (the message names it).
     """
+    from ..models import CheckpointIntegrityError
+
     path = Path(folder) / TRAINER_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a resumable checkpoint (no {TRAINER_STATE})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    verify_checkpoint(folder)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as exc:
+        if "weights_only" in str(exc) and "Unsupported" in str(exc):
+            raise
+        raise CheckpointIntegrityError(
+            f"Checkpoint file {path} is unreadable ({exc}); it was not used."
+        ) from exc
 
 
 def load_full_weights(folder: str | os.PathLike[str], model: torch.nn.Module) -> None:
-    """Copy a full-model checkpoint's weights into ``model`` (same architecture; strict)."""
+    """Copy a full-model checkpoint's weights into ``model`` (same architecture; strict; checksums verified)."""
     from safetensors.torch import load_file
 
     from ..models import WEIGHTS_FILE
 
+    verify_checkpoint(folder)
     state = load_file(str(Path(folder) / WEIGHTS_FILE), device="cpu")
     target = model.state_dict()
     missing = sorted(set(target) - set(state))

@@ -201,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
 
     resume = None
     if args.resume:
-        resume = find_checkpoint(args.out)
+        # The run folder, not its newest checkpoint: a damaged newest checkpoint is then skipped (with a
+        # warning) in favour of the previous intact one instead of stopping the run.
+        resume = args.out if find_checkpoint(args.out) is not None else None
         if resume is None and info.is_main:
             print(f"no checkpoint in {args.out} yet: starting a new run")
     model = load_model(args.model, device=device, allow_random=args.allow_random)

@@ -627,6 +627,17 @@ class _Trainer:
         resume_from: str | os.PathLike[str] | None,
         out_dir: str | os.PathLike[str] | None,
     ) -> FineTuneResult:
+        with contextlib.ExitStack() as stack:
+            self._exit_stack = stack
+            return self._run(train_posts, eval_posts, resume_from, out_dir)
+
+    def _run(
+        self,
+        train_posts: Any,
+        eval_posts: Any | None,
+        resume_from: str | os.PathLike[str] | None,
+        out_dir: str | os.PathLike[str] | None,
+    ) -> FineTuneResult:
         cfg = self.config
         clip = self.clip
         dist = self._setup_distributed()
@@ -657,17 +668,25 @@ class _Trainer:
             )
 
         resume_dir = None
+        if resume_from is not None and not Path(resume_from).exists():
+            raise FileNotFoundError(
+                f"No resumable checkpoint (checkpoint-N/{ckpt.TRAINER_STATE}) in {resume_from}: it does not exist"
+            )
+        if resume_from is not None and out_dir is None:
+            given = Path(resume_from)
+            named = (given / ckpt.TRAINER_STATE).is_file() or ckpt._CKPT_RE.match(given.name) is not None
+            out_dir = given.parent if named else given
+        self.out = Path(out_dir) if out_dir is not None else None
+        if self.out is not None and dist.is_main:
+            # One trainer per run folder; holding the lock, leftovers of a killed run are tidied away.
+            self._exit_stack.enter_context(ckpt.run_lock(self.out))
         if resume_from is not None:
-            resume_dir = ckpt.find_checkpoint(resume_from)
+            own = self.out is not None and Path(resume_from).resolve() == self.out.resolve()
+            resume_dir = ckpt.resolve_resume(resume_from, set_aside=dist.is_main and own)
             if resume_dir is None:
                 raise FileNotFoundError(
                     f"No resumable checkpoint (checkpoint-N/{ckpt.TRAINER_STATE}) in {resume_from}"
                 )
-            if out_dir is None:
-                out_dir = resume_dir.parent
-        self.out = Path(out_dir) if out_dir is not None else None
-        if self.out is not None and dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
 
         base = {"spec": clip.spec, "name": clip.name, "fingerprint": clip.fingerprint}
         state = ckpt.load_trainer_state(resume_dir) if resume_dir is not None else None

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import record_file_checksums
 from .config import LoraSettings
 from .freeze import tower_layouts
 
@@ -275,6 +276,7 @@ def save_adapter(
         **(extra or {}),
     }
     (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    record_file_checksums(folder, ADAPTER_META)
     return folder
 
 
@@ -285,9 +287,14 @@ def load_adapter(folder: str | os.PathLike[str], model: nn.Module, handle: LoraH
     ------
     ValueError
         When the folder's adapters do not match the injected ones.
+    ccclip_widgets.models.CheckpointIntegrityError
+        When a file does not match the checksums in ``ccclip_adapter.json``.
     """
     from safetensors.torch import load_file
 
+    from ..models import verify_checkpoint_folder
+
+    verify_checkpoint_folder(folder, ADAPTER_META, (ADAPTER_WEIGHTS,))
     state = load_file(str(Path(folder) / ADAPTER_WEIGHTS), device="cpu")
     expected = set(handle.adapter_names())
     missing = sorted(expected - set(state))
