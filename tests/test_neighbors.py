@@ -185,6 +185,34 @@ def test_knn_graph_self_first_cached_and_exact():
     assert ji[n + 5, 1:].tolist() == [i for i in order[1] if i != n + 5][:9]
 
 
+def test_large_graph_by_neighbor_descent_matches_brute_force(monkeypatch):
+    pytest.importorskip("pynndescent")
+    from ccclip_widgets import neighbors
+
+    monkeypatch.setattr(neighbors, "GRAPH_EXACT_MAX", 500)  # 3,000 points take the descent path
+    n = 3000
+    img = clustered(n, n_clusters=30, seed=11)
+    txt = clustered(n, n_clusters=30, seed=12)
+    index = NeighborIndex.build([str(i) for i in range(n)], img, txt, show_progress=False)
+    gi, gd = index.knn_graph("image", k=15, show_progress=False)
+    assert gi.shape == (n, 15) and gi.dtype == np.int64 and gd.dtype == np.float32
+    assert (gi[:, 0] == np.arange(n)).all() and (gd[:, 0] == 0).all()
+    assert np.all(np.diff(gd, axis=1) >= -1e-6)
+    rows = np.arange(0, n, 7)
+    np.testing.assert_allclose(
+        gd[rows, 1:], 1.0 - np.einsum("rd,rkd->rk", img[rows], img[gi[rows, 1:]]), atol=1e-5
+    )
+    _, order = brute(img[rows], img, 15)
+    recall = np.mean([len(set(gi[r, 1:]) & (set(order[j]) - {r})) / 14 for j, r in enumerate(rows)])
+    assert recall >= 0.95
+    # Same seed, same graph.
+    again = NeighborIndex.build([str(i) for i in range(n)], img, txt, show_progress=False)
+    assert np.array_equal(again.knn_graph("image", k=15, show_progress=False)[0], gi)
+    ji, _ = index.knn_graph("joint", k=10, show_progress=False)
+    assert ji.shape == (2 * n, 10) and (ji[:, 0] == np.arange(2 * n)).all()
+    assert (ji[:n, 1:] < n).mean() > 0.9  # image rows mostly find images (separate clusters)
+
+
 def test_knn_graph_with_duplicates_keeps_self_first():
     x = clustered(50, seed=10)
     x[1] = x[0]
