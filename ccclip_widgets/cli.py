@@ -45,6 +45,15 @@ def _add_embed(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
     p.add_argument("--check-images", default="header", choices=["none", "header", "full"])
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="air-gapped: never download image URLs (cached ones are used, others rejected as "
+        "network_disabled); also set by CCCLIP_OFFLINE=1",
+    )
+    p.add_argument(
+        "--download-workers", type=int, default=None, help="concurrent image downloads (default 16)"
+    )
     p.add_argument("--allow-random", action="store_true", help="allow ARCH:random (untrained weights)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -68,7 +77,16 @@ def _run_embed(args: argparse.Namespace) -> int:
     rank = torch.distributed.get_rank() if distributed else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    posts = read_posts(args.posts, image_root=args.image_root, check_images=args.check_images)
+    download: dict[str, Any] = {"network": False} if args.offline else {}
+    if args.download_workers is not None:
+        download["download_workers"] = args.download_workers
+    posts = read_posts(
+        args.posts,
+        image_root=args.image_root,
+        check_images=args.check_images,
+        show_progress=not args.no_progress,
+        **download,
+    )
     model = load_model(args.model, device=device, precision=args.precision, allow_random=args.allow_random)
     emb = embed_posts(
         posts,

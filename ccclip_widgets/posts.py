@@ -8,9 +8,12 @@ human ``detail``. No row is ever dropped silently: each input row is either in `
 Reject reasons
 --------------
 ``missing_post_id``, ``duplicate_post_id``, ``empty_text``, ``undecodable_text``, ``malformed_row``,
-``bad_caption_kind``, ``missing_image``, ``outside_image_root``, ``url_not_supported``, ``bad_image_reference``,
-``unreadable_image``, and from image checks ``empty_image``, ``corrupt_image``, ``truncated_image``,
-``unsupported_image``, ``too_large_image``.
+``bad_caption_kind``, ``missing_image``, ``outside_image_root``, ``bad_image_reference``, ``unreadable_image``,
+from image checks ``empty_image``, ``corrupt_image``, ``truncated_image``, ``unsupported_image``,
+``too_large_image``, and from downloading ``http(s)`` image URLs (see :mod:`ccclip_widgets.fetch`)
+``unsupported_url_scheme``, ``bad_url``, ``network_disabled``, ``http_not_found``, ``http_forbidden``,
+``http_error``, ``timeout``, ``connection_error``, ``tls_error``, ``too_many_redirects``, ``redirect_loop``,
+``not_an_image``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from .fetch import DEFAULT_TIMEOUT, DEFAULT_WORKERS, FETCH_REASONS, DownloadCache, Fetcher, FetchResult
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, probe_image
 
 __all__ = [
@@ -80,15 +84,16 @@ REJECT_REASONS: dict[str, str] = {
     "bad_caption_kind": "caption_kind is not one of " + ", ".join(CAPTION_KINDS),
     "missing_image": "no image reference, or the file does not exist",
     "outside_image_root": "the image path leaves image_root ('..', absolute path, or symlink)",
-    "url_not_supported": "image URLs are not downloaded yet",
     "bad_image_reference": "the image value is neither a path, a URL nor bytes",
     "unreadable_image": "the image file exists but cannot be read (permissions)",
     "empty_image": "the image file or bytes are empty",
     "corrupt_image": "the image is damaged",
     "truncated_image": "the image file ends early",
     "unsupported_image": "not an image in a supported format",
-    "too_large_image": "the image exceeds max_pixels or max_bytes",
+    "too_large_image": "the image exceeds max_pixels or max_bytes (or, downloaded, max_download_bytes)",
 }
+for _reason, _text in FETCH_REASONS.items():
+    REJECT_REASONS.setdefault(_reason, _text)
 
 REJECTS_SCHEMA: dict[str, pl.DataType] = {
     "post_id": pl.String(),
@@ -103,6 +108,8 @@ OnDuplicate = Literal["reject", "keep_first", "error"]
 
 _FULL_CHECK_TARGET = 256  # "full" checks decode JPEGs at reduced size: same errors, far less memory
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_DATA_URL_RE = re.compile(r"^data:[A-Za-z0-9.+-]*(?:/[A-Za-z0-9.+-]*)?[;,]", re.IGNORECASE)
+_DOWNLOADED = ("http", "https")
 _SURROGATE_RE = re.compile("[\udc80-\udcff]")
 _SUFFIXES = {
     ".csv": "csv",
@@ -662,6 +669,9 @@ class _ImageContext:
     max_pixels: int
     max_bytes: int
     dir_cache: dict[str, str] = field(default_factory=dict)
+    # http(s) URL -> its download, fetched for the whole table before the per-row checks
+    downloads: dict[str, FetchResult] = field(default_factory=dict)
+    fetcher: Fetcher | None = None
 
 
 _DECODE_REASONS = {
@@ -689,17 +699,48 @@ _CHECK_CACHE: dict[tuple[str, str, int, int], tuple[str, str] | None] = {}
 _CHECK_CACHE_MAX = 500_000
 
 
-def _resolve_remote_image(url: str, scheme: str, ctx: _ImageContext) -> _ImageRef:
-    """The single hook for remote images (http, https and other URL schemes).
+def _resolve_remote_image(url: str, scheme: str, original: str, ctx: _ImageContext) -> _ImageRef:
+    """The image of a URL: ``http(s)`` bodies were downloaded before (``ctx.downloads``); other schemes fail.
 
-    Downloading is not implemented yet: every URL is rejected with ``url_not_supported``. A later version
-    downloads into a cache here and returns ``_ImageRef(image=url, path=cached_file, data=None, key=...)``.
+    The row keeps the URL in ``image``; ``image_path`` is the cached body, which every consumer decodes like any
+    local file, and ``image_key`` is the body's content hash (so the same image under two URLs, or as bytes,
+    is embedded once).
     """
-    raise _RowReject(
-        "url_not_supported",
-        f"{url!r} is a {scheme} URL; downloading images is not supported yet: download them first and put "
-        "local paths (relative to image_root) or the image bytes in the image column",
-    )
+    if scheme not in _DOWNLOADED:
+        raise _RowReject(
+            "unsupported_url_scheme",
+            f"{url!r} is a {scheme}:// URL; only http and https URLs are downloaded: fetch it yourself and put "
+            "a local path (relative to image_root) or the image bytes in the image column",
+        )
+    result = ctx.downloads.get(url)
+    if result is None:  # not collected up front (cannot happen through read_posts); fetch it now
+        if ctx.fetcher is None:
+            ctx.fetcher = Fetcher()
+        result = ctx.downloads[url] = ctx.fetcher.fetch(url)
+    if not result.ok:
+        raise _RowReject(result.reason or "connection_error", result.detail)
+    assert result.path is not None and result.key is not None
+    if ctx.check == "none" and result.size > ctx.max_bytes:
+        raise _RowReject("too_large_image", f"{url}: {result.size} bytes exceeds max_bytes={ctx.max_bytes}")
+    try:
+        _check_decodable(str(result.path), result.key, ctx)
+    except _RowReject as reject:
+        raise _RowReject(
+            reject.reason,
+            f"{url} (downloaded to {result.path}): {reject.detail}; the server sent a bad image",
+        ) from None
+    return _ImageRef(image=original, path=str(result.path), data=None, key=result.key)
+
+
+def _remote_url(value: Any) -> str | None:
+    """The stripped URL when ``value`` is an http(s) URL string (the values read_posts downloads), else None."""
+    if not isinstance(value, str):
+        return None
+    ref = value.strip()
+    match = _URL_RE.match(ref)
+    if match and match.group(1).lower() in _DOWNLOADED:
+        return ref
+    return None
 
 
 def _check_decodable(source: str | bytes, key: str, ctx: _ImageContext) -> None:
@@ -832,11 +873,16 @@ def _resolve_image(value: Any, ctx: _ImageContext) -> _ImageRef | _RowReject:
         ref = value.strip()
         if not ref:
             raise _RowReject("missing_image", "no image reference (empty string)")
+        if _DATA_URL_RE.match(ref):
+            raise _RowReject(
+                "unsupported_url_scheme",
+                f"{ref[:40]!r}... is a data: URL; decode it and put the image bytes in the image column",
+            )
         match = _URL_RE.match(ref)
         if match:
             scheme = match.group(1).lower()
             if scheme != "file":
-                return _resolve_remote_image(ref, scheme, ctx)
+                return _resolve_remote_image(ref, scheme, value, ctx)
             parsed = urllib.parse.urlparse(ref)
             if parsed.netloc not in ("", "localhost"):
                 raise _RowReject("bad_image_reference", f"{ref!r} names a remote host; use a local path")
@@ -981,6 +1027,14 @@ def read_posts(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     n_workers: int | None = None,
+    network: bool | None = None,
+    download_cache: str | os.PathLike[str] | DownloadCache | None = None,
+    max_download_bytes: int | None = None,
+    download_workers: int = DEFAULT_WORKERS,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    retries: int = 3,
+    fetcher: Fetcher | None = None,
+    show_progress: bool = True,
 ) -> Posts:
     """Read and validate a posts table.
 
@@ -1012,6 +1066,30 @@ def read_posts(
         Image size limits for the header/full checks.
     n_workers
         Threads for the image checks (default: ``min(32, cpu_count + 4)``).
+    network
+        Whether ``http(s)`` image URLs may be downloaded. ``None`` (default): yes, unless the environment
+        variable ``CCCLIP_OFFLINE`` is ``1``/``true``/``yes``/``on``; ``False``: air-gapped, no connection is
+        ever opened; URLs already in the download cache are still used (verified local copies), every other
+        URL is rejected with ``network_disabled``.
+    download_cache
+        Folder (or :class:`~ccclip_widgets.fetch.DownloadCache`) for downloaded images (default:
+        ``<toolkit cache>/downloads``, i.e. ``$CCCLIP_CACHE/downloads``). Bodies are stored once by content
+        hash; a URL is never downloaded twice, across runs too.
+    max_download_bytes
+        Size cap per downloaded image (default: ``max_bytes``); larger bodies are cut off and rejected
+        (``too_large_image``).
+    download_workers
+        Concurrent downloads.
+    timeout
+        Download timeouts in seconds: one number, or ``(connect, read)``.
+    retries
+        Extra attempts per URL after transient failures (connection errors, timeouts, 429 and 5xx answers),
+        with exponential back-off; 404/403/410 are never retried.
+    fetcher
+        A configured :class:`~ccclip_widgets.fetch.Fetcher` (back-off, redirects, proxies, ...); when given, the
+        download arguments above are ignored.
+    show_progress
+        Show a progress bar while downloading image URLs.
 
     Returns
     -------
@@ -1033,9 +1111,13 @@ def read_posts(
     -----
     CSV/TSV are parsed as text (post ids keep leading zeros; ``""`` is null); other columns are then typed
     per whole column (Int64, Float64, Boolean, else String). A string ``timestamp`` column is parsed to a
-    datetime when every value parses. Image values may be paths, ``file://`` URLs, or bytes; ``http(s)`` URLs
-    are rejected for now (``url_not_supported``). Rows rejected for one reason are still checked for the
-    others, so fixing a file takes one round.
+    datetime when every value parses. Image values may be paths, ``file://`` URLs (local paths, checked against
+    ``image_root`` like any path), bytes, or ``http``/``https`` URLs. Each distinct URL is downloaded once
+    (see :mod:`ccclip_widgets.fetch` for the timeouts, retries, size and content checks); the row keeps the URL
+    in ``image``, ``image_path`` is the cached file, and a failed download rejects the row with a reason such
+    as ``http_not_found``, ``timeout`` or ``not_an_image`` and a detail naming the URL. Other URL schemes
+    (``ftp://``, ``s3://``, ``data:``) are rejected (``unsupported_url_scheme``). Rows rejected for one reason
+    are still checked for the others, so fixing a file takes one round.
     """
     if check_images not in ("none", "header", "full"):
         raise ValueError(f"check_images must be 'none', 'header' or 'full', got {check_images!r}")
@@ -1080,7 +1162,48 @@ def read_posts(
         max_pixels=max_pixels,
         max_bytes=max_bytes,
         n_workers=n_workers if n_workers is not None else min(32, (os.cpu_count() or 1) + 4),
+        downloads=_Downloads(
+            fetcher=fetcher,
+            options={
+                "cache": download_cache,
+                "network": network,
+                "workers": download_workers,
+                "timeout": timeout,
+                "retries": retries,
+                "max_bytes": max_download_bytes if max_download_bytes is not None else max_bytes,
+            },
+            show_progress=show_progress,
+        ),
     )
+
+
+@dataclass
+class _Downloads:
+    """How read_posts downloads http(s) image URLs: a given Fetcher, or the options to build one."""
+
+    fetcher: Fetcher | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = False
+
+    def fetch(self, urls: list[str], source: str) -> tuple[dict[str, FetchResult], Fetcher]:
+        fetcher = self.fetcher if self.fetcher is not None else Fetcher(**self.options)
+        try:
+            results = fetcher.fetch_many(urls, show_progress=self.show_progress)
+        finally:
+            if self.fetcher is None:
+                fetcher.close()
+        n_cached = sum(r.from_cache for r in results.values())
+        n_failed = sum(not r.ok for r in results.values())
+        logger.info(
+            "%s: %d distinct image URLs: %d from the download cache (%s), %d downloaded, %d failed",
+            source,
+            len(results),
+            n_cached,
+            fetcher.cache.root,
+            len(results) - n_cached - n_failed,
+            n_failed,
+        )
+        return results, fetcher
 
 
 def posts_from_records(
@@ -1121,6 +1244,7 @@ def _validate(
     max_pixels: int,
     max_bytes: int,
     n_workers: int,
+    downloads: _Downloads | None = None,
 ) -> Posts:
     frame, images = _prepare_columns(
         loaded, id_column=id_column, text_column=text_column, image_column=image_column, source=source
@@ -1195,6 +1319,9 @@ def _validate(
         max_pixels=max_pixels,
         max_bytes=max_bytes,
     )
+    urls = list(dict.fromkeys(url for url in map(_remote_url, images) if url is not None))
+    if urls:
+        ctx.downloads, ctx.fetcher = (downloads or _Downloads()).fetch(urls, source)
     resolved = _resolve_images(images, ctx, n_workers)
     for i, ref in enumerate(resolved):
         if isinstance(ref, _RowReject):

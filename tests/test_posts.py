@@ -456,19 +456,32 @@ def test_symlinks(root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     assert len(read_posts(root / "posts.csv", allow_outside_root=True)) == 3
 
 
-def test_urls_rejected_for_now(root: Path) -> None:
+def test_urls_offline_and_other_schemes(root: Path) -> None:
+    """http(s) URLs are downloaded (tests/test_fetch.py); offline they are rejected with a reason, and
+    other schemes are refused; file:// URLs are local paths."""
     url = (root / "images" / "a.jpg").resolve().as_uri()
     posts = posts_from_records(
         [
-            {"post_id": "1", "image": "https://example.com/x.jpg", "text": "t"},
-            {"post_id": "2", "image": "http://example.com/y.jpg", "text": "t"},
+            {"post_id": "1", "image": "https://images.example.invalid/x.jpg", "text": "t"},
+            {"post_id": "2", "image": "http://images.example.invalid/y.jpg", "text": "t"},
             {"post_id": "3", "image": url, "text": "file URLs are local paths"},
+            {"post_id": "4", "image": "ftp://images.example.invalid/z.jpg", "text": "t"},
+            {"post_id": "5", "image": "data:image/png;base64,iVBORw0KGgo=", "text": "t"},
         ],
         image_root=root,
+        network=False,
     )
+    _check_invariant(posts, 5)
     assert posts.table["post_id"].to_list() == ["3"]
-    assert _reasons(posts) == {0: {"url_not_supported"}, 1: {"url_not_supported"}}
-    assert "download" in posts.rejects["detail"][0]
+    assert _reasons(posts) == {
+        0: {"network_disabled"},
+        1: {"network_disabled"},
+        3: {"unsupported_url_scheme"},
+        4: {"unsupported_url_scheme"},
+    }
+    details = posts.rejects["detail"].to_list()
+    assert "https://images.example.invalid/x.jpg" in details[0] and "network" in details[0]
+    assert "ftp://" in details[2] and "data: URL" in details[3]
 
 
 def test_bytes_images(root: Path) -> None:
