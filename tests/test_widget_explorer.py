@@ -381,6 +381,20 @@ def test_large_map_is_sampled_binary_and_listless() -> None:
     ex.select(np.concatenate([drawn, hidden]))
     assert ex.selection.height == 5
     assert list(main.selectedpoints) == [0, 1, 2]
+    # a box or lasso on the sampled map selects every post inside it, drawn or not
+    box = {"type": "box", "selector_state": {"xrange": [0.0, 1.0], "yrange": [-0.5, 0.5]}}
+    _send_points(fig, "plotly_selected", [0], selector=box)
+    inside = np.flatnonzero(
+        (coords[:, 0] >= 0) & (coords[:, 0] <= 1) & (coords[:, 1] >= -0.5) & (coords[:, 1] <= 0.5)
+    )
+    assert ex.last_error is None
+    assert sorted(ex.selection["row"].to_list()) == inside.tolist()
+    assert len(np.setdiff1d(inside, main.customdata)) > 0  # some of them are not drawn
+    tri = {"type": "lasso", "selector_state": {"xs": [0.0, 2.0, 0.0], "ys": [0.0, 0.0, 2.0]}}
+    _send_points(fig, "plotly_selected", [0], selector=tri)
+    x, y = coords[:, 0], coords[:, 1]
+    in_tri = np.flatnonzero((x > 0) & (y > 0) & (x + y < 2))
+    assert sorted(ex.selection["row"].to_list()) == in_tri.tolist()
 
 
 # ------------------------------------------------------------------------------------------------ hover

@@ -37,7 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-lab", action="store_true", help="do not open JupyterLab at the end")
     p.add_argument("--smoke", action="store_true", help="tiny subset and a few steps (for CI)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 6; smoke: 1)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="fine-tuning epochs (default 10; smoke: 1 epoch of 3 steps)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=None, help="JupyterLab port")
     p.add_argument("--no-progress", action="store_true")
