@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets.embed import embed_posts, encode_images, encode_texts
 from ccclip_widgets.models import save_checkpoint

@@ -8,7 +8,7 @@ import warnings
 
 import polars as pl
 import pytest
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets import eval_cli
 from ccclip_widgets.models import save_checkpoint

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import draw_shape, make_shape_posts
+from ccclip_testkit import draw_shape, make_shape_posts
 from PIL import Image
 
 from ccclip_widgets.fetch import (

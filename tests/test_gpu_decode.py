@@ -12,7 +12,7 @@ import open_clip
 import polars as pl
 import pytest
 import torch
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 from PIL import Image, ImageOps
 
 import ccclip_widgets.gpu_decode as gd

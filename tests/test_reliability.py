@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets._io import CacheCorruptionWarning, DiskFullError
 from ccclip_widgets.embed import embed_posts

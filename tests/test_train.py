@@ -289,7 +289,7 @@ def test_early_stopping_keeps_and_restores_the_best(tiny_model, shape_posts, tmp
 
 
 def test_shared_images_and_languages_are_grouped(tiny_model, tmp_path):
-    from conftest import make_shape_posts
+    from ccclip_testkit import make_shape_posts
 
     recs = make_shape_posts(tmp_path / "imgs")[:8]
     extra = [

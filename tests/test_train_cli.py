@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 import torch
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets.models import load_model
 from ccclip_widgets.train.cli import build_parser, format_metrics, main

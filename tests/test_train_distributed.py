@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets.models import load_model
 from ccclip_widgets.posts import read_posts

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets.embed import Embeddings, embed_posts, encode_texts
 from ccclip_widgets.posts import Posts, posts_from_records

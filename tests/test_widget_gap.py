@@ -12,7 +12,7 @@ from polars.testing import assert_frame_equal
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
-from conftest import make_shape_posts
+from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets.embed import embed_posts, encode_images, encode_texts
 from ccclip_widgets.evaluate import evaluate_retrieval

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import TINY_CFG
+from ccclip_testkit import TINY_CFG
 
 
 def main() -> int:
