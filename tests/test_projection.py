@@ -19,6 +19,8 @@ from ccclip_widgets.projection import (
     fit_umap,
     procrustes_align,
     project_posts,
+    rows_in_box,
+    rows_in_polygon,
     trustworthiness,
 )
 
@@ -181,3 +183,18 @@ def test_trustworthiness_detects_a_bad_layout(data, layout):
     x, _ = data
     noise = np.random.default_rng(0).random((len(x), 2)).astype(np.float32)
     assert trustworthiness(x, noise, sample=1000) < 0.7 < trustworthiness(x, layout, sample=1000)
+
+
+def test_rows_in_box_and_polygon_match_a_direct_check():
+    xy = np.random.default_rng(5).uniform(-2, 2, (5000, 2)).astype(np.float32)
+    x, y = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
+    box = rows_in_box(xy, [1.0, -0.5], [0.25, -1.0])  # bounds in either order
+    assert box.tolist() == np.flatnonzero((x >= -0.5) & (x <= 1) & (y >= -1) & (y <= 0.25)).tolist()
+    tri = rows_in_polygon(xy, [0.0, 2.0, 0.0], [0.0, 0.0, 2.0])
+    assert tri.tolist() == np.flatnonzero((x > 0) & (y > 0) & (x + y < 2)).tolist()
+    # A concave "L": the notch is outside.
+    ell = rows_in_polygon(xy, [-2, 0, 0, -1, -1, -2], [-2, -2, -1, -1, 0, 0])
+    in_ell = ((x > -2) & (x < 0) & (y > -2) & (y < -1)) | ((x > -2) & (x < -1) & (y >= -1) & (y < 0))
+    assert ell.tolist() == np.flatnonzero(in_ell).tolist()
+    with pytest.raises(ValueError, match="at least 3 vertices"):
+        rows_in_polygon(xy, [0, 1], [0, 1])
