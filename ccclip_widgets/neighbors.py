@@ -143,13 +143,14 @@ def _flat_view(index: Any, n: int, d: int) -> np.ndarray:
 
 
 def _default_nlist(n: int) -> int:
-    """About ``2 * sqrt(n)`` inverted lists, as a power of two: 2048 at 1M, 1024 at 200k.
+    """About ``4 * sqrt(n)`` inverted lists, as a power of two: 4096 at 1M, 2048 at 200k.
 
-    k-means training costs ``O(nlist^2)`` (``64 * nlist`` samples x ``nlist`` centroids): 4096 lists took about
-    2x the build time of 2048 at 1M x 512 on the 2-core machine (training alone 4x), for about 5 points of recall
-    at the same fraction of the data scanned; :meth:`NeighborIndex.tune` buys recall back with ``nprobe``.
+    k-means training costs ``O(nlist^2)`` (``64 * nlist`` samples x ``nlist`` centroids): 4096 lists take about
+    2x the build time of 2048 at 1M x 512 on the 2-core machine (training alone 4x). They pay for it at query time:
+    on spread-out data 2048 lists needed a quarter of them probed (p95 90 ms at 1M) to reach recall 0.95, while
+    4096 lists reach the same recall scanning a smaller share of the vectors (``benchmarks/bench_neighbors.py``).
     """
-    return int(2 ** round(np.log2(max(16.0, 2.0 * np.sqrt(n)))))
+    return int(2 ** round(np.log2(max(16.0, 4.0 * np.sqrt(n)))))
 
 
 class NeighborIndex:
