@@ -72,3 +72,17 @@ def make_shape_posts(folder: Path, n_per: int = 1, commentative: bool = False, f
                 )
                 k += 1
     return records
+
+
+def load_tiny(arch: str, seed: int = 0):
+    """A tiny CLIP of the registered ``arch`` with weights seeded by ``seed``, on the CPU."""
+    import warnings
+
+    import torch
+
+    from ccclip_widgets.models import load_model
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return load_model(f"{arch}:random", device="cpu", allow_random=True)

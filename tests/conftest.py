@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ccclip_testkit import COLORS, SHAPES, TINY_CFG, draw_shape, make_shape_posts  # noqa: F401
+from ccclip_testkit import COLORS, SHAPES, TINY_CFG, draw_shape, load_tiny, make_shape_posts  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -31,16 +31,7 @@ def tiny_arch() -> str:
 @pytest.fixture
 def tiny_model(tiny_arch: str):
     """A tiny CLIP with seeded random weights on the CPU."""
-    import warnings
-
-    import torch
-
-    from ccclip_widgets.models import load_model
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return load_model(f"{tiny_arch}:random", device="cpu", allow_random=True)
+    return load_tiny(tiny_arch, 0)
 
 
 @pytest.fixture

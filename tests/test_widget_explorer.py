@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
-from ccclip_testkit import make_shape_posts
+from ccclip_testkit import load_tiny, make_shape_posts
 
 from ccclip_widgets.embed import Embeddings, embed_posts, encode_texts
 from ccclip_widgets.posts import Posts, posts_from_records
@@ -27,27 +26,16 @@ K = 5
 # ------------------------------------------------------------------------------------------------ fixtures
 # The posts, models and embeddings are built once per module (embedding is the slow part); every test gets a
 # fresh Explorer on them.
-def _load_tiny(arch: str, seed: int):
-    import torch
-
-    from ccclip_widgets.models import load_model
-
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return load_model(f"{arch}:random", device="cpu", allow_random=True)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_arch: str):
     """The tiny seeded CLIP of the ``tiny_model`` fixture, shared by this module's tests."""
-    return _load_tiny(tiny_arch, 0)
+    return load_tiny(tiny_arch, 0)
 
 
 @pytest.fixture(scope="module")
 def second_model(tiny_arch: str):
     """Another tiny model with different random weights (stands in for a fine-tuned one)."""
-    return _load_tiny(tiny_arch, 1)
+    return load_tiny(tiny_arch, 1)
 
 
 @pytest.fixture(scope="module")

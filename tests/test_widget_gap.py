@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import polars as pl
 import pytest
@@ -12,7 +10,7 @@ from polars.testing import assert_frame_equal
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
-from ccclip_testkit import make_shape_posts
+from ccclip_testkit import load_tiny, make_shape_posts
 
 from ccclip_widgets.embed import embed_posts, encode_images, encode_texts
 from ccclip_widgets.evaluate import evaluate_retrieval
@@ -36,26 +34,15 @@ def gap_posts(tmp_path_factory):
     return read_posts(pl.DataFrame(recs), image_root=folder)
 
 
-def _tiny(arch: str, seed: int):
-    import torch
-
-    from ccclip_widgets.models import load_model
-
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return load_model(f"{arch}:random", device="cpu", allow_random=True)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tiny_arch):
     """Module-wide tiny model (the tests here never change its weights)."""
-    return _tiny(tiny_arch, 0)
+    return load_tiny(tiny_arch, 0)
 
 
 @pytest.fixture(scope="module")
 def other_model(tiny_arch):
-    return _tiny(tiny_arch, 1)
+    return load_tiny(tiny_arch, 1)
 
 
 @pytest.fixture(scope="module")
