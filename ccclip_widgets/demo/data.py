@@ -1043,9 +1043,13 @@ def _dir_bytes(folder: Path) -> int:
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
 def _prepare_text(
-    records: list[ClipartRecord], dropped: Counter[str], notes: Counter[str]
+    records: list[ClipartRecord], dropped: Counter[str], notes: Counter[str], *, broad: bool = False
 ) -> list[_Candidate]:
-    """Clean titles, descriptions and keywords; drop records whose text is junk."""
+    """Clean titles, descriptions and keywords; drop records whose text is junk.
+
+    ``broad`` (used for the stand-in pool) keeps icon-theme drawings under a title taken from their file name
+    and drawings whose title no second author uses: more images with plainer captions.
+    """
     cands: list[_Candidate] = []
     keyword_df: Counter[str] = Counter()
     creators_of: dict[str, set[str]] = defaultdict(set)
@@ -1070,8 +1074,11 @@ def _prepare_text(
             continue
         spaced = _squash(raw.replace("_", " "))
         if _THEME_TITLE_RE.search(spaced):
-            dropped["generic_collection_title"] += 1
-            continue
+            named = _filename_title(rec) if broad else ""
+            if not _meaningful(named):
+                dropped["generic_collection_title"] += 1
+                continue
+            spaced = raw = named
         keywords = _clean_keywords(rec)
         origin = "metadata"
         m = _GROUP_PREFIX_RE.match(spaced) or _GROUP_SUFFIX_RE.match(spaced)
@@ -1109,7 +1116,7 @@ def _prepare_text(
         else:
             description = _clean_description(rec.description, title, notes)
         title_known = any(w.lower() in lexicon for w in _WORD_RE.findall(title))
-        if not title_known and not keywords and not description:
+        if not title_known and not keywords and not description and not broad:
             dropped["uninformative_text"] += 1
             continue
         if not keywords:
