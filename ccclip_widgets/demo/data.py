@@ -1280,12 +1280,20 @@ def build_demo_data(
     demo_posts = [_post(c, f"{i}-desc-en", c.caption, "en", "descriptive", split[i]) for i, c in demo.items()]
     com_posts = _commentative_posts(captions, demo, split)
     demo_frame = _posts_frame(demo_posts + com_posts)
-    standin = [by_id[i] for i in standin_ids]
-    standin_frame = _posts_frame(
-        [_post(c, f"{c.record.image_id}-desc-en", c.caption, "en", "descriptive", "train") for c in standin]
-    )
+    standin = [by_id[i] for i in standin_ids]  # the strict filter's leftovers, for the counts below
     _write_pool(out_dir, list(demo.values()), demo_frame)
-    _write_pool(standin_dir, standin, standin_frame)
+    from .standin import build_standin_pool
+
+    standin_summary = build_standin_pool(
+        standin_dir,
+        worklist_path=worklist_path,
+        png_root=png_root,
+        svg_root=svg_root,
+        max_pixels=max_pixels,
+        workers=workers,
+        seed=seed,
+        install_missing=False,
+    )
 
     # images that decoded well but are in neither pool are the near-duplicates left out of their groups
     dropped["near_duplicate"] += len(images) - len(demo) - len(standin)
@@ -1309,7 +1317,9 @@ def build_demo_data(
         "demo_posts": demo_frame.height,
         "demo_descriptive_posts": len(demo_posts),
         "demo_commentative_posts": dict(sorted(com_by_lang.items())),
-        "standin_images": len(standin),
+        "standin_images": standin_summary["standin_images"],
+        "standin_heldout_images": standin_summary["heldout_images"],
+        "standin_excluded": standin_summary["excluded"],
         "missing_captions": missing,
         "unknown_caption_ids": unknown,
         "invalid_caption_rows": invalid,
