@@ -497,9 +497,9 @@ def load_model(
         raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
 
     if spec_str == "demo":
-        from .demo.model import demo_model_dir
+        from .demo.model import load_demo_model
 
-        return _load_toolkit_checkpoint(demo_model_dir(), dev, prec, spec=spec_str)
+        return load_demo_model(dev, prec)
 
     if spec_str.startswith("local-dir:"):
         folder = Path(spec_str[len("local-dir:") :]).expanduser()
@@ -687,6 +687,20 @@ def _preprocess_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return {names[k]: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
 
 
+def _apply_fill_color(model: Any, preprocess: Any, cfg: Mapping[str, Any] | None) -> Any:
+    """Honour a stored ``fill_color`` (padding colour of ``resize_mode="longest"``), which
+    ``create_model_and_transforms`` takes no keyword for; returns the (possibly rebuilt) eval transform."""
+    if not cfg or "fill_color" not in cfg:
+        return preprocess
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    merged = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    merged["fill_color"] = int(cfg["fill_color"])
+    set_model_preprocess_cfg(model, merged)
+    return image_transform_v2(PreprocessCfg(**merged), is_train=False)
+
+
 def _load_toolkit_checkpoint(folder: Path, device: torch.device, precision: str, *, spec: str) -> ClipModel:
     import open_clip
     from safetensors.torch import load_file
@@ -721,6 +735,7 @@ def _load_toolkit_checkpoint(folder: Path, device: torch.device, precision: str,
             )
     except (RuntimeError, OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not build architecture of {folder}: {exc}") from exc
+    preprocess = _apply_fill_color(model, preprocess, pre_cfg)
     state = load_file(str(weights), device="cpu")
     target = model.state_dict()
     state = {k: v.to(target[k].dtype) if k in target else v for k, v in state.items()}

