@@ -30,6 +30,7 @@ from torch import nn
 
 from ..models import ClipModel
 from . import checkpoint as ckpt
+from .cached import HeadsForward, cached_batches, heads_only, tower_features
 from .config import FineTuneConfig
 from .data import (
     PairCollate,
@@ -356,6 +357,7 @@ def evaluate_in_memory(
     batch_size: int = 256,
     num_workers: int = 0,
     precision: str = "fp32",
+    features: Any | None = None,
 ) -> tuple[dict[str, float], int]:
     """Embed the evaluation posts with the current weights and score retrieval both ways, per group.
 
@@ -371,6 +373,8 @@ def evaluate_in_memory(
         Decoding workers.
     precision
         ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast.
+    features
+        The posts' frozen tower outputs (:func:`~.cached.tower_features`): only the heads run.
 
     Returns
     -------
@@ -380,6 +384,35 @@ def evaluate_in_memory(
     model = clip.model
     was_training = model.training
     model.eval()
+    image_ids = data.image_ids.numpy()
+    text_ids = data.text_ids.numpy()
+    if features is not None:
+        from .cached import project
+
+        try:
+            img_feats, txt_feats = project(model, features)
+        finally:
+            model.train(was_training)
+            if was_training:
+                freeze_locked_batchnorm(model)
+        ok = features.image_ok.cpu()
+    else:
+        img_feats, txt_feats, ok = _encode_eval(clip, data, batch_size, num_workers, precision, was_training)
+    good_image = ok.numpy()[image_ids]  # image_ids are 0..I-1 in order of first appearance == sorted keys
+    groups = {k: v & good_image for k, v in post_groups(data.table).items()}
+    metrics = retrieval_metrics(img_feats.numpy(), txt_feats.numpy(), image_ids, text_ids, groups)
+    return metrics, int((~good_image).sum())
+
+
+def _encode_eval(
+    clip: ClipModel,
+    data: PreparedPosts,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    was_training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model = clip.model
     device = clip.device
     try:
         image_ids = data.image_ids.numpy()
@@ -415,10 +448,7 @@ def evaluate_in_memory(
         model.train(was_training)
         if was_training:
             freeze_locked_batchnorm(model)
-    good_image = ok.numpy()[image_ids]  # image_ids are 0..I-1 in order of first appearance == sorted keys
-    groups = {k: v & good_image for k, v in post_groups(data.table).items()}
-    metrics = retrieval_metrics(img_feats.numpy(), txt_feats.numpy(), image_ids, text_ids, groups)
-    return metrics, int((~good_image).sum())
+    return img_feats, txt_feats, ok
 
 
 # ================================================================================================= fine_tune
@@ -804,6 +834,18 @@ class _Trainer:
         )
         loss_fn = ClipLoss(rank=dist.rank, world_size=dist.world_size)
         wrapper: nn.Module = _DualEncoder(clip.model)
+        # both towers frozen, no augmentation: encode each image and text once, then train only the heads
+        self.cached = not dist.enabled and heads_only(clip.model, augment=cfg.augment, lora=cfg.lora)
+        if self.cached:
+            self.train_features = tower_features(
+                clip,
+                train,
+                batch_size=cfg.eval_batch_size,
+                num_workers=workers,
+                precision=self.precision,
+                show_progress=cfg.show_progress and dist.is_main,
+            )
+            wrapper = HeadsForward(clip.model)
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -854,13 +896,17 @@ class _Trainer:
             if batch_in_epoch >= n_batches:
                 epoch, batch_in_epoch = epoch + 1, 0
             sampler = RunBatchSampler(n, batch, cfg.seed, epoch, batch_in_epoch, dist.rank, dist.world_size)
-            loader = make_loader(
-                dataset,
-                sampler,
-                num_workers=workers,
-                pin_memory=device.type == "cuda",
-                seed=cfg.seed,
-                collate_fn=PairCollate(train.tokens, train.image_ids, train.text_ids),
+            loader = (
+                cached_batches(self.train_features, train, sampler)
+                if self.cached
+                else make_loader(
+                    dataset,
+                    sampler,
+                    num_workers=workers,
+                    pin_memory=device.type == "cuda",
+                    seed=cfg.seed,
+                    collate_fn=PairCollate(train.tokens, train.image_ids, train.text_ids),
+                )
             )
             batches = iter(loader)
             while step < total:
@@ -881,7 +927,7 @@ class _Trainer:
                                     self.failures.setdefault(str(train.table["post_id"][r]), why)
                         # every tensor comes pinned from the loader: these copies do not wait for the GPU
                         pixels = pixels.to(device, non_blocking=True)
-                        if self.channels_last:
+                        if self.channels_last and pixels.ndim == 4:
                             pixels = pixels.contiguous(memory_format=torch.channels_last)
                         tokens = tokens.to(device, non_blocking=True)
                         sync = contextlib.nullcontext()
@@ -1012,8 +1058,25 @@ class _Trainer:
             if cfg.num_workers is not None
             else default_train_workers(self.clip.device, len(data))
         )
+        features = None
+        if getattr(self, "cached", False):
+            if getattr(self, "eval_features", None) is None:
+                self.eval_features = tower_features(
+                    self.clip,
+                    data,
+                    batch_size=cfg.eval_batch_size,
+                    num_workers=workers,
+                    precision=self.precision,
+                    show_progress=cfg.show_progress,
+                )
+            features = self.eval_features
         metrics, n_failed = evaluate_in_memory(
-            self.clip, data, batch_size=cfg.eval_batch_size, num_workers=workers, precision=self.precision
+            self.clip,
+            data,
+            batch_size=cfg.eval_batch_size,
+            num_workers=workers,
+            precision=self.precision,
+            features=features,
         )
         if n_failed:
             metrics["n_eval_images_failed"] = float(n_failed)
