@@ -21,6 +21,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import CacheCorruptionWarning, DiskFullError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -52,14 +54,6 @@ def _current_umask() -> int:
 
 #: Files are created with the permissions a plain ``open()`` would give (mkstemp alone gives 0600).
 _FILE_MODE = 0o666 & ~_current_umask()
-
-
-class DiskFullError(OSError):
-    """Raised when a write fails because the disk is full; existing files are left untouched."""
-
-
-class CacheCorruptionWarning(UserWarning):
-    """A cached file failed its checksum or could not be read; it is set aside and recomputed."""
 
 
 #: Temporary names made by this module: ``.<name>.<random>.tmp`` (files and folders) and ``.<name>.<hex>.old``

@@ -325,9 +325,9 @@ def embed_posts(
 
     Raises
     ------
-    ccclip_widgets._io.DiskFullError
+    ccclip_widgets.DiskFullError
         The disk filled up; every part written before is intact and is reused by the next run.
-    ccclip_widgets._lock.LockTimeout
+    ccclip_widgets.LockTimeout
         Another process kept the store locked for longer than ``lock_timeout``.
     """
     t0 = time.perf_counter()

@@ -26,6 +26,8 @@ from typing import IO, TypeAlias
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import ImageDecodeError
+
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_ASPECT",
@@ -96,32 +98,9 @@ _HINTS = {
 }
 
 
-class ImageDecodeError(ValueError):
-    """An image could not be read safely.
-
-    Parameters
-    ----------
-    source
-        Human description of the image (a path or ``"<N bytes>"``).
-    reason
-        Short machine-friendly slug: ``"missing"``, ``"empty"``, ``"too_large_bytes"``,
-        ``"too_large_pixels"``, ``"corrupt"``, ``"truncated"`` or ``"unsupported"``.
-    detail
-        What went wrong. A hint on what to do is appended to the message.
-    """
-
-    def __init__(self, source: str, reason: str, detail: str) -> None:
-        self.source = source
-        self.reason = reason
-        self.detail = detail
-        hint = _HINTS.get(reason, "")
-        message = f"{source}: {detail}" + (f" ({hint})" if hint else "")
-        super().__init__(message)
-
-    def __reduce__(
-        self,
-    ) -> tuple[type[ImageDecodeError], tuple[str, str, str]]:  # picklable for worker processes
-        return (type(self), (self.source, self.reason, self.detail))
+def decode_hint(reason: str) -> str:
+    """What to do about an :class:`ImageDecodeError` of this ``reason`` (empty when there is no hint)."""
+    return _HINTS.get(reason, "")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from .errors import DuplicatePostIdError, NoUsablePostsError, PostsSchemaError  # noqa: F401 (re-exported: the classes live in errors.py)
 from .fetch import DEFAULT_TIMEOUT, DEFAULT_WORKERS, FETCH_REASONS, DownloadCache, Fetcher, FetchResult
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, probe_image
 
@@ -121,14 +122,6 @@ _SUFFIXES = {
     ".ndjson": "jsonl",
     ".json": "json",
 }
-
-
-class PostsSchemaError(ValueError):
-    """The source lacks required columns or its columns cannot be mapped onto the posts schema."""
-
-
-class DuplicatePostIdError(ValueError):
-    """Raised by ``read_posts(..., on_duplicate="error")`` when a post_id occurs more than once."""
 
 
 def _empty_rejects() -> pl.DataFrame:
