@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from .errors import DuplicatePostIdError, NoUsablePostsError, PostsSchemaError  # noqa: F401 (re-exported: the classes live in errors.py)
+from .errors import DuplicatePostIdError, NoUsablePostsError, PostsSchemaError
 from .fetch import DEFAULT_TIMEOUT, DEFAULT_WORKERS, FETCH_REASONS, DownloadCache, Fetcher, FetchResult
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, probe_image
 
@@ -205,6 +205,36 @@ class Posts:
         if self.image_root is not None:
             lines.append(f"  image_root:    {self.image_root}")
         return "\n".join(lines)
+
+    def require_usable(self, rejects_file: str | os.PathLike[str] | None = None) -> Posts:
+        """Return the posts unchanged, or raise when no row is usable.
+
+        Parameters
+        ----------
+        rejects_file
+            Where the rejects were written, named in the message.
+
+        Returns
+        -------
+        Posts
+            ``self``, when it holds at least one valid row.
+
+        Raises
+        ------
+        NoUsablePostsError
+            Every row was rejected (or the table is empty); the message gives the reasons and, where one
+            setting would admit the rows, that setting.
+        """
+        if len(self):
+            return self
+        counts = self.reject_counts()
+        listing = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "the table has no rows"
+        message = (
+            f"no usable post in {self.source or 'the posts'}: {self.n_rejected} row(s) rejected ({listing})"
+        )
+        if rejects_file is not None:
+            message += f"; rejects written to {rejects_file}"
+        raise NoUsablePostsError(message, counts)
 
     def write_rejects(self, path: str | os.PathLike[str]) -> Path:
         """Write the rejects to a CSV file atomically (temporary file, then rename).
