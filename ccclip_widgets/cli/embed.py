@@ -9,9 +9,10 @@ from typing import Any
 from ._common import add_flags, finish_distributed, read_posts_checked, setup_distributed, stdout_line
 
 DESCRIPTION = (
-    "Embed every post's image and text with a CLIP model. --out receives the store of vectors (keyed by model "
-    "and content, so re-running reuses finished work), rejects.csv (rows that could not be used, with reasons) "
-    "and summary.json. Under torchrun every process embeds a share of the posts."
+    "Embed every post's image and text with a CLIP model. --out receives embeddings.parquet (one row per "
+    "embedded post: post_id, image_embedding, text_embedding, the store keys and the posts' own columns), the "
+    "store of vectors (keyed by model and content, so re-running reuses finished work), rejects.csv (rows that "
+    "could not be used, with reasons) and summary.json. Under torchrun every process embeds a share of the posts."
 )
 INTERRUPTED = "finished work is saved; run the same command again to resume"
 
@@ -28,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-random",
         "--no-progress",
         model={"required": True},
-        out={"required": True, "metavar": "DIR", "help": "output folder (store, rejects.csv, summary.json)"},
+        out={
+            "required": True,
+            "metavar": "DIR",
+            "help": "output folder (embeddings.parquet, store/, rejects.csv, summary.json)",
+        },
     )
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
@@ -77,9 +82,11 @@ def run(args: argparse.Namespace) -> int:
     if info.is_main:
         all_rejects = emb.posts.rejects
         rejects_path = emb.posts.write_rejects(out / "rejects.csv") if len(all_rejects) else None
+        per_post = emb.write_parquet(out / "embeddings.parquet") if len(emb) else None
         summary = {
             "model_spec": model.spec,
             "model_fingerprint": model.fingerprint,
+            "embeddings": str(per_post) if per_post else None,
             "store": str(out / "store" / model.fingerprint),
             "posts_read": len(posts) + posts.n_rejected,
             "posts_embedded": len(emb),
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             f"reused from cache: {emb.stats['images_reused']} images, {emb.stats['texts_reused']} texts | "
             f"rejected: {summary['rejected']} posts" + (f" (see {rejects_path})" if rejects_path else "")
         )
+        stdout_line(f"per-post embeddings: {per_post}" if per_post else "no post embedded")
         stdout_line(f"store: {summary['store']}")
     if len(emb) == 0:  # every image failed to decode: the rejects are written, the run failed
         emb.posts.require_usable(rejects_file=out / "rejects.csv")
