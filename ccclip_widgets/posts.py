@@ -150,12 +150,17 @@ class Posts:
         Resolved folder that relative image paths were read from (None for frames without one).
     source
         Where the posts came from (a path or a description).
+    hints
+        What would admit rejected rows, when one setting would (e.g. the ``image_root`` that holds every
+        image path of a table whose paths are all absolute); shown by :meth:`summary` and in
+        :class:`~ccclip_widgets.NoUsablePostsError`.
     """
 
     table: pl.DataFrame
     rejects: pl.DataFrame = field(default_factory=_empty_rejects)
     image_root: Path | None = None
     source: str = ""
+    hints: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.table.height
@@ -204,6 +209,7 @@ class Posts:
             lines += [f"    {reason:<{width}}  {n}" for reason, n in counts.items()]
         if self.image_root is not None:
             lines.append(f"  image_root:    {self.image_root}")
+        lines += [f"  hint: {hint}" for hint in self.hints]
         return "\n".join(lines)
 
     def require_usable(self, rejects_file: str | os.PathLike[str] | None = None) -> Posts:
@@ -232,6 +238,8 @@ class Posts:
         message = (
             f"no usable post in {self.source or 'the posts'}: {self.n_rejected} row(s) rejected ({listing})"
         )
+        for hint in self.hints:
+            message += f"; {hint}"
         if rejects_file is not None:
             message += f"; rejects written to {rejects_file}"
         raise NoUsablePostsError(message, counts)
@@ -668,10 +676,11 @@ def _load_file(path: Path, *, encoding: str, id_column: str, image_column: str) 
 class _RowReject(Exception):
     """Internal: one image reference failed (carried out of worker threads as a value, not raised across)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, path: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.path = path  # for outside_image_root: the absolute path that lies outside
 
 
 @dataclass(frozen=True)
@@ -834,6 +843,7 @@ def _resolve_path(ref: str, original: str, ctx: _ImageContext) -> _ImageRef:
             "outside_image_root",
             f"{original!r} {how} outside image_root {root}; move the image under image_root or pass "
             "allow_outside_root=True if you trust the table",
+            path=lexical,
         )
     if _POSIX:
         cut = lexical.rfind("/")
@@ -913,6 +923,21 @@ def _resolve_image(value: Any, ctx: _ImageContext) -> _ImageRef | _RowReject:
         return _resolve_path(ref, value, ctx)
     except _RowReject as reject:
         return reject
+
+
+def _image_root_hints(
+    resolved: list[_ImageRef | _RowReject], root: str | None, explicit: bool
+) -> tuple[str, ...]:
+    """When no local image path lies under the image root, say which root would admit them all."""
+    outside = [r.path for r in resolved if isinstance(r, _RowReject) and r.path is not None]
+    if not outside or any(isinstance(r, _ImageRef) and r.path is not None for r in resolved):
+        return ()
+    parent = os.path.commonpath([os.path.dirname(p) for p in outside])
+    which = "the given image_root" if explicit else "the default image_root (the posts table's folder)"
+    return (
+        f"all {len(outside)} local image paths lie outside {which} {root}; pass image_root={parent!r} "
+        f"(ccclip: --image-root {parent}), their common parent, to admit them",
+    )
 
 
 def _resolve_images(values: list[Any], ctx: _ImageContext, n_workers: int) -> list[_ImageRef | _RowReject]:
@@ -1349,6 +1374,7 @@ def _validate(
     for i, ref in enumerate(resolved):
         if isinstance(ref, _RowReject):
             reject(i, "image", ref.reason, ref.detail)
+    hints = _image_root_hints(resolved, root_abs, explicit_root)
 
     keep = [i for i in range(n) if ok[i]]
     refs = [resolved[i] for i in keep]
@@ -1400,14 +1426,16 @@ def _validate(
         rejects=reject_frame,
         image_root=Path(root_real) if root_real is not None else None,
         source=source,
+        hints=hints,
     )
     if rejects:
         counts = ", ".join(f"{reason}: {k}" for reason, k in posts.reject_counts().items())
         logger.warning(
-            "%s: rejected %d of %d rows (%s); see Posts.rejects or Posts.write_rejects(path)",
+            "%s: rejected %d of %d rows (%s); see Posts.rejects or Posts.write_rejects(path)%s",
             source,
             posts.n_rejected,
             loaded.n_rows,
             counts,
+            "".join(f"; {hint}" for hint in hints),
         )
     return posts

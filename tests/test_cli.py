@@ -195,3 +195,17 @@ def test_python_dash_m_entry_points(tmp_path):
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert run.returncode == 5 and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_all_absolute_image_paths_name_the_image_root_flag(tmp_path, capsys):
+    recs = make_shape_posts(tmp_path / "pics")[:4]
+    for r in recs:
+        r["image"] = str((tmp_path / "pics" / r["image"]).resolve())
+    table = tmp_path / "tables" / "posts.csv"
+    table.parent.mkdir()
+    pl.DataFrame(recs).write_csv(table)
+    out = tmp_path / "o"
+    assert main(["embed", str(table), "--model", "demo", "--out", str(out), "--no-progress"]) == 5
+    err = _one_line(capsys.readouterr().err, "ccclip embed: error: no usable post")
+    assert f"--image-root {(tmp_path / 'pics').resolve()}" in err and "outside_image_root: 4" in err
+    assert (out / "rejects.csv").is_file()
