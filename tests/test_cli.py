@@ -209,3 +209,11 @@ def test_all_absolute_image_paths_name_the_image_root_flag(tmp_path, capsys):
     err = _one_line(capsys.readouterr().err, "ccclip embed: error: no usable post")
     assert f"--image-root {(tmp_path / 'pics').resolve()}" in err and "outside_image_root: 4" in err
     assert (out / "rejects.csv").is_file()
+
+
+def test_docs_list_every_exit_code():
+    codes = {0, *errors.EXIT_CODES.values()}
+    for doc in (REPO / "docs" / "cli.md", REPO / "README.md"):
+        text = doc.read_text()
+        listed = {int(c) for c in __import__("re").findall(r"^\| *(\d+) \|", text, flags=__import__("re").M)}
+        assert codes <= listed, (doc.name, codes - listed)
