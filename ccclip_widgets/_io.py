@@ -19,7 +19,9 @@ import tempfile
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from .errors import CacheCorruptionWarning, DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +54,6 @@ def _current_umask() -> int:
 
 #: Files are created with the permissions a plain ``open()`` would give (mkstemp alone gives 0600).
 _FILE_MODE = 0o666 & ~_current_umask()
-
-
-class DiskFullError(OSError):
-    """Raised when a write fails because the disk is full; existing files are left untouched."""
-
-
-class CacheCorruptionWarning(UserWarning):
-    """A cached file failed its checksum or could not be read; it is set aside and recomputed."""
 
 
 #: Temporary names made by this module: ``.<name>.<random>.tmp`` (files and folders) and ``.<name>.<hex>.old``
@@ -282,6 +276,43 @@ def _raise_disk_full(exc: OSError, path: Path) -> None:
     raise_if_disk_full(exc, path)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """Open a temporary file next to ``path`` for writing; on success fsync it and rename it onto ``path``.
+
+    Readers see the old file or the complete new one, never a partial write; on an error (or an
+    interruption) the temporary file is removed and ``path`` is untouched.
+
+    Raises
+    ------
+    DiskFullError
+        When the disk is full; the destination keeps its previous content.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_disk_full(exc, path)
+        raise
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _raise_disk_full(exc, path)
+        raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
 
@@ -302,30 +333,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     DiskFullError
         When the disk is full; the destination keeps its previous content.
     """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        _raise_disk_full(exc, path)
-        raise
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        _raise_disk_full(exc, path)
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -26,13 +26,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import LockTimeout
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LockTimeout", "file_lock", "lock_holder"]
-
-
-class LockTimeout(TimeoutError):
-    """Raised when a lock is still held by another process after the allowed wait."""
 
 
 _registry_guard = threading.Lock()

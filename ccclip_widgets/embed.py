@@ -252,12 +252,64 @@ class Embeddings:
         )
 
     def to_frame(self) -> pl.DataFrame:
-        """Posts table with ``image_vector`` and ``text_vector`` columns added."""
-        d = self.image.shape[1]
-        return self.posts.table.with_columns(
-            pl.Series("image_vector", self.image, dtype=pl.Array(pl.Float32, d)),
-            pl.Series("text_vector", self.text, dtype=pl.Array(pl.Float32, d)),
+        """One row per embedded post: ``post_id``, the two vectors, the store keys, then the posts' own columns.
+
+        Returns
+        -------
+        polars.DataFrame
+            ``post_id``; ``image_embedding`` and ``text_embedding`` as fixed-size float32 arrays (Arrow
+            ``fixed_size_list<float32>[D]``, L2-normalised); ``image_key`` and ``text_key`` (the content keys the
+            embedding store files vectors under); then every other column of ``posts.table`` except the raw
+            ``image_bytes`` (``image`` still says where the image came from). This is the frame
+            :meth:`write_parquet` writes (``ccclip embed``'s ``embeddings.parquet``).
+        """
+        d = self.image.shape[1] if self.image.ndim == 2 else 0
+        t = self.posts.table
+        lead = ["post_id", "image_embedding", "text_embedding", "image_key", "text_key"]
+        rest = [c for c in t.columns if c not in lead and c not in PER_POST_DROPPED]
+        return t.with_columns(
+            pl.Series("image_embedding", np.asarray(self.image, np.float32), dtype=pl.Array(pl.Float32, d)),
+            pl.Series("text_embedding", np.asarray(self.text, np.float32), dtype=pl.Array(pl.Float32, d)),
+        ).select([*lead, *rest])
+
+    def write_parquet(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_frame` to a Parquet file atomically (temporary file, then rename).
+
+        Any Parquet reader opens it without the toolkit (polars, pandas with pyarrow, DuckDB, Spark); the
+        file's key-value metadata records ``ccclip.model_spec``, ``ccclip.model_fingerprint`` and
+        ``ccclip.dim``.
+
+        Parameters
+        ----------
+        path
+            Destination, e.g. ``runs/emb/embeddings.parquet``.
+
+        Returns
+        -------
+        Path
+            The written path.
+        """
+        import pyarrow.parquet as pq
+
+        from ._io import atomic_file
+
+        # the oldest Arrow layout (large_string, not string_view) that every Parquet reader understands
+        table = self.to_frame().to_arrow(compat_level=pl.CompatLevel.oldest())
+        meta = dict(table.schema.metadata or {})
+        meta.update(
+            {
+                b"ccclip.model_spec": str(self.model_spec).encode(),
+                b"ccclip.model_fingerprint": str(self.model_fingerprint).encode(),
+                b"ccclip.dim": str(self.image.shape[1] if self.image.ndim == 2 else 0).encode(),
+            }
         )
+        with atomic_file(path) as f:
+            pq.write_table(table.replace_schema_metadata(meta), f, compression="zstd")
+        return Path(path)
+
+
+#: Posts columns left out of the per-post frame: raw image bytes belong in the source, not beside vectors.
+PER_POST_DROPPED = ("image_bytes",)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -325,9 +377,9 @@ def embed_posts(
 
     Raises
     ------
-    ccclip_widgets._io.DiskFullError
+    ccclip_widgets.DiskFullError
         The disk filled up; every part written before is intact and is reused by the next run.
-    ccclip_widgets._lock.LockTimeout
+    ccclip_widgets.LockTimeout
         Another process kept the store locked for longer than ``lock_timeout``.
     """
     t0 = time.perf_counter()

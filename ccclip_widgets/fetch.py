@@ -289,7 +289,7 @@ class DownloadCache:
     Parameters
     ----------
     root
-        Cache folder (default: ``<toolkit cache>/downloads``, see :func:`ccclip_widgets._io.default_cache_dir`).
+        Cache folder (default: ``downloads`` in the toolkit cache, ``$CCCLIP_CACHE`` or ``~/.cache/ccclip_widgets``).
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
@@ -912,7 +912,7 @@ class Fetcher:
         Raises
         ------
         OSError
-            Only when the cache itself cannot be written (e.g. :class:`~ccclip_widgets._io.DiskFullError`).
+            Only when the cache itself cannot be written (e.g. :class:`~ccclip_widgets.DiskFullError`).
         """
         result = self._fetch(url)
         self._count(

@@ -60,6 +60,7 @@ from .images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     load_image,
+    open_quietly,
     probe_image,
 )
 
@@ -239,10 +240,9 @@ def exif_orientation(data: bytes | bytearray | memoryview) -> int:
     buf = data if isinstance(data, bytes) else bytes(data)
     if buf.find(b"Exif\x00\x00", 0, _EXIF_WINDOW) < 0:  # cheap: most social-media JPEGs carry no EXIF
         return 1
-    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(buf)) as im:
+        with open_quietly(io.BytesIO(buf), bomb="ignore") as im:  # the size is screened elsewhere
             value = im.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:  # a broken EXIF block must not lose an otherwise good image
         return 1

@@ -20,11 +20,15 @@ import logging
 import math
 import os
 import struct
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import IO, TypeAlias
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageDecodeError
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -96,32 +100,9 @@ _HINTS = {
 }
 
 
-class ImageDecodeError(ValueError):
-    """An image could not be read safely.
-
-    Parameters
-    ----------
-    source
-        Human description of the image (a path or ``"<N bytes>"``).
-    reason
-        Short machine-friendly slug: ``"missing"``, ``"empty"``, ``"too_large_bytes"``,
-        ``"too_large_pixels"``, ``"corrupt"``, ``"truncated"`` or ``"unsupported"``.
-    detail
-        What went wrong. A hint on what to do is appended to the message.
-    """
-
-    def __init__(self, source: str, reason: str, detail: str) -> None:
-        self.source = source
-        self.reason = reason
-        self.detail = detail
-        hint = _HINTS.get(reason, "")
-        message = f"{source}: {detail}" + (f" ({hint})" if hint else "")
-        super().__init__(message)
-
-    def __reduce__(
-        self,
-    ) -> tuple[type[ImageDecodeError], tuple[str, str, str]]:  # picklable for worker processes
-        return (type(self), (self.source, self.reason, self.detail))
+def decode_hint(reason: str) -> str:
+    """What to do about an :class:`ImageDecodeError` of this ``reason`` (empty when there is no hint)."""
+    return _HINTS.get(reason, "")
 
 
 @dataclass(frozen=True)
@@ -199,13 +180,37 @@ def _open_stream(source: ImageSource, desc: str, max_bytes: int) -> IO[bytes]:
     return fh
 
 
+_QUIET_OPEN = threading.Lock()
+
+
+def open_quietly(
+    fp: IO[bytes], formats: tuple[str, ...] | list[str] | None = None, *, bomb: str = "raise"
+) -> Image.Image:
+    """``PIL.Image.open`` that never prints PIL's DecompressionBombWarning.
+
+    Past PIL's global pixel limit (``Image.MAX_IMAGE_PIXELS``, which the toolkit leaves alone) PIL only warns,
+    and the warning would be printed raw for an image the toolkit rejects anyway. Here it is raised
+    instead (``bomb="raise"``, so the caller turns it into a ``too_large_pixels`` rejection) or dropped
+    (``bomb="ignore"``, for callers that check the size themselves). ``catch_warnings`` swaps process-wide
+    state, so a lock keeps the toolkit's own threads from racing on it.
+    """
+    action = "error" if bomb == "raise" else "ignore"
+    with _QUIET_OPEN, warnings.catch_warnings():
+        warnings.simplefilter(action, Image.DecompressionBombWarning)
+        return Image.open(fp, formats=formats)
+
+
 def _open_image(stream: IO[bytes], desc: str, max_pixels: int) -> Image.Image:
     """Identify the image and check its declared size; no pixel data is decoded."""
     try:
-        im = Image.open(stream, formats=_allowed_formats())
+        im = open_quietly(stream, formats=_allowed_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Only reachable when max_pixels is above PIL's own limit (or warnings are errors).
-        raise ImageDecodeError(desc, "too_large_pixels", f"PIL refused the size: {exc}") from None
+        # Only reachable when max_pixels is above PIL's own limit: raise Image.MAX_IMAGE_PIXELS to go past it.
+        raise ImageDecodeError(
+            desc,
+            "too_large_pixels",
+            f"PIL refused the size: {exc} (PIL.Image.MAX_IMAGE_PIXELS sets that limit)",
+        ) from None
     except UnidentifiedImageError:
         stream.seek(0)
         head = stream.read(16)

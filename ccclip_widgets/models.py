@@ -46,6 +46,12 @@ from ._io import (
     record_file_checksums,
     repo_data_dir,
 )
+from .errors import (
+    CheckpointIntegrityError,
+    ModelLoadError,
+    ModelUnavailableError,
+    RandomWeightsWarning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +72,6 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 FORMAT_VERSION = 1
 PKG_PREFIX = "pkg:"
-
-
-class ModelLoadError(RuntimeError):
-    """A model spec could not be turned into a model (bad spec, missing file, incompatible weights)."""
-
-
-class CheckpointIntegrityError(ModelLoadError):
-    """A checkpoint's file is truncated, altered or missing: it does not match the checksums in its JSON."""
 
 
 def verify_checkpoint_folder(
@@ -101,10 +99,6 @@ def verify_checkpoint_folder(
             f"Checkpoint {folder} cannot be used: {problem}. It was not loaded; use another checkpoint (or the "
             "original copy of this one)."
         )
-
-
-class ModelUnavailableError(ModelLoadError):
-    """The weights would have to be downloaded, and no download is possible here."""
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
@@ -543,7 +537,7 @@ def load_model(
             )
         warnings.warn(
             f"Loading {arch} with RANDOM weights (allow_random=True): embeddings are meaningless until trained.",
-            UserWarning,
+            RandomWeightsWarning,
             stacklevel=2,
         )
         return _create(arch, None, dev, prec, spec=spec_str, cache_dir=cache_dir, random=True)

@@ -42,6 +42,8 @@ from ccclip_widgets._io import (
 )
 from ccclip_widgets._lock import file_lock
 
+from .errors import IndexIntegrityError, LowRecallWarning, MissingDependencyError
+
 __all__ = [
     "DEFAULT_ANN",
     "DEFAULT_EXACT_THRESHOLD",
@@ -73,18 +75,6 @@ GRAPH_EXACT_MAX = 30_000
 _PIP_HINT = "pip install faiss-cpu"
 
 
-class IndexIntegrityError(ValueError):
-    """Raised by :meth:`NeighborIndex.load` when a saved file is missing, altered, or does not match.
-
-    ``stale`` is True when nothing is damaged but the folder holds no finished index, or one built from other
-    embeddings (another fingerprint).
-    """
-
-    def __init__(self, message: str, *, stale: bool = False) -> None:
-        super().__init__(message)
-        self.stale = stale
-
-
 def _pynndescent() -> Any:
     """pynndescent's ``NNDescent`` class, or ``None`` when it is not installed."""
     try:
@@ -98,7 +88,7 @@ def _faiss() -> Any:
     try:
         import faiss
     except ImportError as exc:  # pragma: no cover - exercised only without faiss
-        raise ImportError(f"NeighborIndex needs FAISS; install it with: {_PIP_HINT}") from exc
+        raise MissingDependencyError(f"NeighborIndex needs FAISS; install it with: {_PIP_HINT}") from exc
     return faiss
 
 
@@ -919,7 +909,7 @@ class NeighborIndex:
                 f"recall@{k} reached {history[-1]['recall']:.3f} < {target_recall} with {knob}={width} (the cap); "
                 "raise max_nprobe / max_ef_search (queries get slower), or use an exact index (a higher "
                 "exact_threshold)",
-                RuntimeWarning,
+                LowRecallWarning,
                 stacklevel=2,
             )
         self.params["tuned_recall"] = history[-1]["recall"]
@@ -959,7 +949,7 @@ class NeighborIndex:
 
         Raises
         ------
-        ccclip_widgets._io.DiskFullError
+        ccclip_widgets.DiskFullError
             The disk filled up; the files already in ``directory`` are unchanged.
         """
         faiss = _faiss()
@@ -1038,7 +1028,7 @@ class NeighborIndex:
         The folder's lock is held from the check to the save, so two processes (two notebooks) asking for the
         same index build it once: the second waits with a message, then loads what the first saved. A saved
         index that fails its checks (a file truncated or altered, a manifest damaged) is reported with a
-        :class:`~ccclip_widgets._io.CacheCorruptionWarning` naming the problem and rebuilt; an unfinished save
+        :class:`~ccclip_widgets.CacheCorruptionWarning` naming the problem and rebuilt; an unfinished save
         (no manifest) or another fingerprint is a plain miss.
 
         Parameters

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from .errors import DuplicatePostIdError, NoUsablePostsError, PostsSchemaError
 from .fetch import DEFAULT_TIMEOUT, DEFAULT_WORKERS, FETCH_REASONS, DownloadCache, Fetcher, FetchResult
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, probe_image
 
@@ -123,14 +124,6 @@ _SUFFIXES = {
 }
 
 
-class PostsSchemaError(ValueError):
-    """The source lacks required columns or its columns cannot be mapped onto the posts schema."""
-
-
-class DuplicatePostIdError(ValueError):
-    """Raised by ``read_posts(..., on_duplicate="error")`` when a post_id occurs more than once."""
-
-
 def _empty_rejects() -> pl.DataFrame:
     return pl.DataFrame(schema=REJECTS_SCHEMA)
 
@@ -157,12 +150,17 @@ class Posts:
         Resolved folder that relative image paths were read from (None for frames without one).
     source
         Where the posts came from (a path or a description).
+    hints
+        What would admit rejected rows, when one setting would (e.g. the ``image_root`` that holds every
+        image path of a table whose paths are all absolute); shown by :meth:`summary` and in
+        :class:`~ccclip_widgets.NoUsablePostsError`.
     """
 
     table: pl.DataFrame
     rejects: pl.DataFrame = field(default_factory=_empty_rejects)
     image_root: Path | None = None
     source: str = ""
+    hints: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.table.height
@@ -211,7 +209,40 @@ class Posts:
             lines += [f"    {reason:<{width}}  {n}" for reason, n in counts.items()]
         if self.image_root is not None:
             lines.append(f"  image_root:    {self.image_root}")
+        lines += [f"  hint: {hint}" for hint in self.hints]
         return "\n".join(lines)
+
+    def require_usable(self, rejects_file: str | os.PathLike[str] | None = None) -> Posts:
+        """Return the posts unchanged, or raise when no row is usable.
+
+        Parameters
+        ----------
+        rejects_file
+            Where the rejects were written, named in the message.
+
+        Returns
+        -------
+        Posts
+            ``self``, when it holds at least one valid row.
+
+        Raises
+        ------
+        NoUsablePostsError
+            Every row was rejected (or the table is empty); the message gives the reasons and, where one
+            setting would admit the rows, that setting.
+        """
+        if len(self):
+            return self
+        counts = self.reject_counts()
+        listing = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "the table has no rows"
+        message = (
+            f"no usable post in {self.source or 'the posts'}: {self.n_rejected} row(s) rejected ({listing})"
+        )
+        for hint in self.hints:
+            message += f"; {hint}"
+        if rejects_file is not None:
+            message += f"; rejects written to {rejects_file}"
+        raise NoUsablePostsError(message, counts)
 
     def write_rejects(self, path: str | os.PathLike[str]) -> Path:
         """Write the rejects to a CSV file atomically (temporary file, then rename).
@@ -645,10 +676,11 @@ def _load_file(path: Path, *, encoding: str, id_column: str, image_column: str) 
 class _RowReject(Exception):
     """Internal: one image reference failed (carried out of worker threads as a value, not raised across)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, path: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.path = path  # for outside_image_root: the absolute path that lies outside
 
 
 @dataclass(frozen=True)
@@ -811,6 +843,7 @@ def _resolve_path(ref: str, original: str, ctx: _ImageContext) -> _ImageRef:
             "outside_image_root",
             f"{original!r} {how} outside image_root {root}; move the image under image_root or pass "
             "allow_outside_root=True if you trust the table",
+            path=lexical,
         )
     if _POSIX:
         cut = lexical.rfind("/")
@@ -890,6 +923,21 @@ def _resolve_image(value: Any, ctx: _ImageContext) -> _ImageRef | _RowReject:
         return _resolve_path(ref, value, ctx)
     except _RowReject as reject:
         return reject
+
+
+def _image_root_hints(
+    resolved: list[_ImageRef | _RowReject], root: str | None, explicit: bool
+) -> tuple[str, ...]:
+    """When no local image path lies under the image root, say which root would admit them all."""
+    outside = [r.path for r in resolved if isinstance(r, _RowReject) and r.path is not None]
+    if not outside or any(isinstance(r, _ImageRef) and r.path is not None for r in resolved):
+        return ()
+    parent = os.path.commonpath([os.path.dirname(p) for p in outside])
+    which = "the given image_root" if explicit else "the default image_root (the posts table's folder)"
+    return (
+        f"all {len(outside)} local image paths lie outside {which} {root}; pass image_root={parent!r} "
+        f"(ccclip: --image-root {parent}), their common parent, to admit them",
+    )
 
 
 def _resolve_images(values: list[Any], ctx: _ImageContext, n_workers: int) -> list[_ImageRef | _RowReject]:
@@ -1326,6 +1374,7 @@ def _validate(
     for i, ref in enumerate(resolved):
         if isinstance(ref, _RowReject):
             reject(i, "image", ref.reason, ref.detail)
+    hints = _image_root_hints(resolved, root_abs, explicit_root)
 
     keep = [i for i in range(n) if ok[i]]
     refs = [resolved[i] for i in keep]
@@ -1377,14 +1426,16 @@ def _validate(
         rejects=reject_frame,
         image_root=Path(root_real) if root_real is not None else None,
         source=source,
+        hints=hints,
     )
     if rejects:
         counts = ", ".join(f"{reason}: {k}" for reason, k in posts.reject_counts().items())
         logger.warning(
-            "%s: rejected %d of %d rows (%s); see Posts.rejects or Posts.write_rejects(path)",
+            "%s: rejected %d of %d rows (%s); see Posts.rejects or Posts.write_rejects(path)%s",
             source,
             posts.n_rejected,
             loaded.n_rows,
             counts,
+            "".join(f"; {hint}" for hint in hints),
         )
     return posts

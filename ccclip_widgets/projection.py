@@ -67,7 +67,9 @@ def _umap() -> Any:
     try:
         import umap
     except ImportError as exc:  # pragma: no cover - exercised only without umap-learn
-        raise ImportError(
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
             "UMAP projections need umap-learn; install it with: pip install umap-learn"
         ) from exc
     return umap
@@ -297,7 +299,7 @@ def cached_projection(
     ``umap-<key>.npy`` (written atomically: temporary file, then rename) and ``umap-<key>.json`` (the fingerprint,
     the parameters, the shape and the ``.npy`` checksum, written after it, so an entry is complete exactly when
     its JSON names the checksum of its ``.npy``). An entry that is truncated or altered is reported with a
-    :class:`~ccclip_widgets._io.CacheCorruptionWarning` naming the file, and recomputed.
+    :class:`~ccclip_widgets.CacheCorruptionWarning` naming the file, and recomputed.
 
     The entry's lock file ``umap-<key>.lock`` is held while reading, computing and writing, so two processes
     (two notebooks) asking for the same map compute it once: the second waits, with a message, then reads it.

@@ -44,13 +44,13 @@ import numpy as np
 import polars as pl
 
 from ._io import (
-    CacheCorruptionWarning,
     atomic_write_bytes,
     atomic_write_json,
     blake2b_hex,
     clean_stale_temps,
 )
 from ._lock import file_lock
+from .errors import StoreCorruptionWarning
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ KINDS = ("images", "texts")
 
 
 LOCK_FILE = ".lock"
-
-
-class StoreCorruptionWarning(CacheCorruptionWarning):
-    """A stored part failed its checksum and was ignored (its vectors will be recomputed)."""
 
 
 @dataclass
@@ -292,7 +288,7 @@ class EmbeddingStore:
 
         Raises
         ------
-        ccclip_widgets._lock.LockTimeout
+        ccclip_widgets.LockTimeout
             When the lock stays busy for ``timeout`` seconds.
         """
         with file_lock(self.path / LOCK_FILE, timeout=timeout, purpose=f"{purpose} {self.path}"):

@@ -341,12 +341,12 @@ def test_missing_package_gives_an_install_hint(tmp_path: Path) -> None:
 
 
 def test_cli(tree: Tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo_main(["build-model", "--standin-dir", str(tmp_path / "nowhere")]) == 1
+    assert demo_main(["build-model", "--standin-dir", str(tmp_path / "nowhere")]) == 5  # input missing
     assert "build-data" in capsys.readouterr().err
     args = ["build-data", "--out", str(tmp_path / "demo"), "--standin-dir", str(tmp_path / "standin")]
     args += ["--png-root", str(tree.png), "--svg-root", str(tree.svg), "--captions-dir", str(tmp_path)]
     args += ["--n-demo", "6", "--no-install", "--workers", "1"]
-    assert demo_main(args) == 1  # no captions yet
+    assert demo_main(args) == 5  # no captions yet: CaptionError, an input-data error
     assert "no commentative caption" in capsys.readouterr().err
     assert demo_main([*args, "--allow-missing-captions"]) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 from ccclip_testkit import make_shape_posts
 
-from ccclip_widgets import eval_cli
+from ccclip_widgets.cli import build_parser, main
+from ccclip_widgets.cli import eval as eval_cmd
 from ccclip_widgets.models import save_checkpoint
 
 EXPECTED = {
@@ -54,10 +55,7 @@ def _posts_csv(tmp_path):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccclip")
-    sub = parser.add_subparsers(dest="command", required=True)
-    eval_cli.add_parser(sub)
-    return parser
+    return build_parser(["eval"])
 
 
 @pytest.fixture
@@ -84,8 +82,8 @@ def test_eval_two_models_writes_csv_and_parquet(two_models, tmp_path, capsys):
             ["eval", str(posts), "--image-root", str(tmp_path / "imgs"), "--model", f"before={a}", "--model", f"after={b}", "--store", str(store),
              "--out", str(out), "--n-boot", "200", "--no-progress", "--workers", "0"]
         )  # fmt: skip
-        assert args.func is eval_cli.run
-        assert args.func(args) == 0
+        assert args._module is eval_cmd
+        assert eval_cmd.run(args) == 0
         df = pl.read_csv(out) if out.suffix == ".csv" else pl.read_parquet(out)
         assert EXPECTED <= set(df.columns)
         assert set(df["model"].unique().to_list()) == {"before", "after"}
@@ -103,8 +101,6 @@ def test_eval_two_models_writes_csv_and_parquet(two_models, tmp_path, capsys):
 
 
 def test_eval_through_the_main_cli(two_models, tmp_path, capsys):
-    from ccclip_widgets.cli import main
-
     posts = _posts_csv(tmp_path)
     a, _ = two_models
     out = tmp_path / "t.parquet"
@@ -119,21 +115,26 @@ def test_eval_through_the_main_cli(two_models, tmp_path, capsys):
 def test_eval_rejects_bad_arguments(two_models, tmp_path, capsys):
     posts = _posts_csv(tmp_path)
     a, _ = two_models
-    parser = _parser()
     base = ["eval", str(posts), "--image-root", str(tmp_path / "imgs"), "--model", str(a), "--no-progress"]
-    assert eval_cli.run(parser.parse_args([*base, "--out", str(tmp_path / "t.xlsx")])) == 2
-    assert eval_cli.run(parser.parse_args([*base, "--split", "test"])) == 2  # no split column
-    assert eval_cli.run(parser.parse_args([*base, "--group-by", "nope"])) == 2
-    assert eval_cli.run(parser.parse_args(["eval", str(posts), "--model", str(a)])) == 2  # images not found
-    err = capsys.readouterr().err
-    assert "missing_image" in err
-    assert ".csv or .parquet" in err and "no split column" in err and "nope" in err
+    cases = [
+        ([*base, "--out", str(tmp_path / "t.xlsx")], 2, ".csv or .parquet"),
+        ([*base, "--split", "test"], 2, "no split column"),
+        ([*base, "--group-by", "nope"], 2, "nope"),
+        (["eval", str(posts), "--model", str(a), "--out", str(tmp_path / "x.csv")], 5, "missing_image"),
+    ]
+    for argv, code, text in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert err.startswith("ccclip eval: error: ") and err.count("\n") == 1 and text in err, err
+    # an input with no usable row writes its rejects next to --out before failing
+    assert pl.read_csv(tmp_path / "x.rejects.csv")["reason"].unique().to_list() == ["missing_image"]
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_parse_model_arg(tmp_path):
-    assert eval_cli.parse_model_arg("base=demo") == ("base", "demo")
-    assert eval_cli.parse_model_arg("ViT-B-32:laion2b_s34b_b79k") == ("ViT-B-32:laion2b_s34b_b79k",) * 2
-    assert eval_cli.parse_model_arg("/x/a=b") == ("/x/a=b", "/x/a=b")
+    assert eval_cmd.parse_model_arg("base=demo") == ("base", "demo")
+    assert eval_cmd.parse_model_arg("ViT-B-32:laion2b_s34b_b79k") == ("ViT-B-32:laion2b_s34b_b79k",) * 2
+    assert eval_cmd.parse_model_arg("/x/a=b") == ("/x/a=b", "/x/a=b")
     weird = tmp_path / "a=b"
     weird.mkdir()
-    assert eval_cli.parse_model_arg(str(weird)) == (str(weird), str(weird))
+    assert eval_cmd.parse_model_arg(str(weird)) == (str(weird), str(weird))

@@ -707,3 +707,77 @@ def test_posts_without_rejects_round_trip(root: Path) -> None:
     posts = Posts(table=pl.DataFrame({"post_id": ["x"]}))
     assert posts.n_rejected == 0 and posts.reject_counts() == {}
     assert "rejected rows: 0" in posts.summary()
+
+
+# ---------------------------------------------------------------------------------------------- hints, bombs
+def test_all_absolute_paths_name_the_image_root_that_admits_them(tmp_path):
+    from ccclip_testkit import make_shape_posts
+
+    from ccclip_widgets.errors import NoUsablePostsError
+
+    recs = []
+    for sub, rows in (("a", slice(0, 3)), ("b", slice(3, 5))):
+        for r in make_shape_posts(tmp_path / "pics" / sub)[rows]:
+            recs.append(dict(r, image=str((tmp_path / "pics" / sub / r["image"]).resolve())))
+    table = tmp_path / "tables" / "posts.csv"
+    table.parent.mkdir()
+    pl.DataFrame(recs).select("post_id", "image", "text").write_csv(table)
+    posts = read_posts(table)
+    assert len(posts) == 0 and posts.reject_counts() == {"outside_image_root": 5}
+    parent = str((tmp_path / "pics").resolve())
+    assert len(posts.hints) == 1 and f"--image-root {parent}" in posts.hints[0]
+    assert "hint:" in posts.summary()
+    with pytest.raises(NoUsablePostsError, match="--image-root") as info:
+        posts.require_usable()
+    assert info.value.reject_counts == {"outside_image_root": 5}
+    # and that root does admit them
+    assert len(read_posts(table, image_root=parent)) == 5
+
+
+def test_no_hint_when_some_paths_are_fine(tmp_path):
+    from ccclip_testkit import make_shape_posts
+
+    recs = make_shape_posts(tmp_path / "imgs")[:3]
+    recs[0]["image"] = "/etc/hostname"
+    table = tmp_path / "imgs" / "posts.csv"
+    pl.DataFrame(recs).select("post_id", "image", "text").write_csv(table)
+    posts = read_posts(table)
+    assert len(posts) == 2 and posts.hints == ()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels (no real pixel data: headers are all PIL reads)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bomb_is_a_reject_not_a_printed_warning(tmp_path, recwarn):
+    from PIL import Image
+
+    assert 10_000 * 10_000 > Image.MAX_IMAGE_PIXELS  # PIL would warn on this size
+    (tmp_path / "bomb.png").write_bytes(_png_header(10_000, 10_000))
+    table = tmp_path / "posts.csv"
+    pl.DataFrame({"post_id": ["b"], "image": ["bomb.png"], "text": ["big"]}).write_csv(table)
+    posts = read_posts(table, check_images="header")
+    assert posts.reject_counts() == {"too_large_image": 1}
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    with pytest.warns() as caught:  # and load_image raises the toolkit's error, quietly
+        import warnings
+
+        warnings.warn("sentinel", UserWarning, stacklevel=1)
+        from ccclip_widgets.images import ImageDecodeError, load_image
+
+        with pytest.raises(ImageDecodeError, match="max_pixels"):
+            load_image(tmp_path / "bomb.png")
+    assert [str(w.message) for w in caught] == ["sentinel"]

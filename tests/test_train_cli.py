@@ -9,8 +9,9 @@ import pytest
 import torch
 from ccclip_testkit import make_shape_posts
 
+from ccclip_widgets.cli import build_parser, main
+from ccclip_widgets.cli.finetune import format_metrics
 from ccclip_widgets.models import load_model
-from ccclip_widgets.train.cli import build_parser, format_metrics, main
 
 
 @pytest.fixture(autouse=True)
@@ -78,9 +79,13 @@ def test_cli_reports_bad_options_without_a_traceback(tiny_arch, posts_csv, tmp_p
     argv = ["finetune", str(posts_csv), "--model", f"{tiny_arch}:random", "--out", str(tmp_path / "o")]
     argv += ["--image-root", str(tmp_path / "imgs")]
     assert main([*argv, "--allow-random", "--unlock-last-text-blocks", "2"]) == 2
-    assert "set lock_text=True" in capsys.readouterr().err
-    assert main(argv) == 2  # random weights without --allow-random
-    assert "allow_random" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "set lock_text=True" in err and err.count("\n") == 1 and err.startswith("ccclip finetune: error:")
+    assert main(argv) == 6  # random weights without --allow-random: the model cannot be loaded
+    err = capsys.readouterr().err
+    assert "allow_random" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert main([*argv, "--config", str(tmp_path / "nope.json")]) == 5
+    assert "nope.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(
             ["finetune", str(posts_csv), "--model", "x", "--out", "o", "--precision", "fp8"]

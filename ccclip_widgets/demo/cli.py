@@ -1,4 +1,4 @@
-"""``ccclip demo``: the offline C-CLIP story end to end.
+"""The offline C-CLIP story end to end (what ``ccclip demo`` runs; its flags are in :mod:`ccclip_widgets.cli`).
 
 1. embed the demo posts' test split with the demo model (a stand-in for stock CLIP that only saw descriptive
    captions) and print retrieval for descriptive vs commentative captions, per language;
@@ -12,7 +12,6 @@ training data and config).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,44 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run", "run_demo"]
-
-
-def add_parser(sub: Any) -> None:
-    """Add the ``demo`` subcommand to the ``ccclip`` parser."""
-    p = sub.add_parser(
-        "demo",
-        help="offline demo: show the descriptive-commentative gap, fine-tune, open JupyterLab",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", default=None, help="work folder (default: ~/.cache/ccclip_widgets/demo)")
-    p.add_argument("--no-lab", action="store_true", help="do not open JupyterLab at the end")
-    p.add_argument("--smoke", action="store_true", help="tiny subset and a few steps (for CI)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument(
-        "--epochs", type=int, default=None, help="fine-tuning epochs (default 10; smoke: 1 epoch of 3 steps)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=None, help="JupyterLab port")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the demo from parsed arguments; returns the exit status."""
-    smoke = args.smoke or os.environ.get("CCCLIP_SMOKE") == "1"
-    out = run_demo(
-        out_dir=args.out,
-        smoke=smoke,
-        device=args.device,
-        epochs=args.epochs,
-        seed=args.seed,
-        show_progress=not args.no_progress,
-    )
-    if args.no_lab:
-        return 0
-    return open_lab(port=args.port, work_dir=out)
+__all__ = ["demo_finetune_config", "open_lab", "run_demo"]
 
 
 def demo_finetune_config(smoke: bool, epochs: int | None, seed: int) -> Any:

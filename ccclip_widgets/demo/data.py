@@ -47,6 +47,7 @@ import polars as pl
 from PIL import Image
 
 from .._io import atomic_write_bytes, atomic_write_text, default_cache_dir, repo_data_dir
+from ..errors import InputDataError
 
 __all__ = [
     "CAPTION_LANGS",
@@ -166,7 +167,7 @@ _VARIANT_WORDS = frozenset(
 _FILENAME_JUNK_TOKENS = frozenset("aiga bb gnome stock fs mime md xp svg png ico tango".split())
 
 
-class CaptionError(ValueError):
+class CaptionError(InputDataError):
     """Raised when the commentative caption files do not match the demo selection.
 
     Attributes

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import repo_data_dir
+from ..errors import DemoFallbackWarning
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ DEMO_MINILM_ARCH_CFG: dict[str, Any] = {
     },
 }
 TEXT_BASE_PREFIX = "text.transformer."
-
-
-class DemoFallbackWarning(UserWarning):
-    """The multilingual demo model could not be used; the English-only one was loaded instead."""
 
 
 def demo_model_dir(multilingual: bool = True) -> Path:

@@ -5,26 +5,35 @@
 ...                    out_dir="runs/c-clip")  # doctest: +SKIP
 >>> result.metrics_table()  # doctest: +SKIP
 
-The command line twin is ``ccclip finetune POSTS --model SPEC --out DIR`` (see :mod:`.cli`).
+The command line twin is ``ccclip finetune POSTS --model SPEC --out DIR`` (see ``docs/cli.md``).
 """
 
 from __future__ import annotations
 
-from .checkpoint import find_checkpoint, list_checkpoints
-from .config import FineTuneConfig, LoraSettings
-from .freeze import TowerLayout, tower_layouts
-from .loop import (
-    EvalInfo,
-    FineTuneResult,
-    StepInfo,
-    TrainingDivergedError,
-    TrainingOutOfMemoryError,
-    evaluate_in_memory,
-    fine_tune,
-)
-from .lora import merge_lora
-from .loss import ClipLoss
-from .metrics import metrics_frame, retrieval_metrics
+import importlib
+from typing import Any
+
+# Imported lazily (like the package top level), so ``ccclip finetune --help`` can read the config's flags
+# from .config without importing torch.
+_EXPORTS = {
+    "find_checkpoint": "checkpoint",
+    "list_checkpoints": "checkpoint",
+    "FineTuneConfig": "config",
+    "LoraSettings": "config",
+    "TowerLayout": "freeze",
+    "tower_layouts": "freeze",
+    "EvalInfo": "loop",
+    "FineTuneResult": "loop",
+    "StepInfo": "loop",
+    "TrainingDivergedError": "loop",
+    "TrainingOutOfMemoryError": "loop",
+    "evaluate_in_memory": "loop",
+    "fine_tune": "loop",
+    "merge_lora": "lora",
+    "ClipLoss": "loss",
+    "metrics_frame": "metrics",
+    "retrieval_metrics": "metrics",
+}
 
 __all__ = [
     "ClipLoss",
@@ -45,3 +54,16 @@ __all__ = [
     "retrieval_metrics",
     "tower_layouts",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -45,6 +45,7 @@ import torch
 
 from .._io import atomic_dir, atomic_write_json, clean_stale_temps, record_file_checksums
 from .._lock import LockTimeout, file_lock
+from ..errors import CheckpointCorruptionWarning, RunInUseError
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -70,10 +71,6 @@ TRAINER_STATE = "trainer_state.pt"
 RUN_FILE = "run.json"
 RUN_LOCK = "run.lock"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointCorruptionWarning(UserWarning):
-    """A damaged checkpoint was set aside and training resumed from the previous good one."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -332,8 +329,8 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
 
     Raises
     ------
-    RuntimeError
-        Another live process holds the lock.
+    RunInUseError
+        Another live process holds the lock (a ``LockTimeout`` and a ``RuntimeError``).
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -342,7 +339,7 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
             clean_stale_temps(run)
             yield run
     except LockTimeout as exc:
-        raise RuntimeError(
+        raise RunInUseError(
             f"Another process is fine-tuning into {run} right now ({exc}). Give this run another out_dir, or "
             "wait for that one to end and resume from its folder."
         ) from exc

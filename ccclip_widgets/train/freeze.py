@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import TrainingWarning
 from .config import FineTuneConfig
 
 __all__ = ["TowerLayout", "apply_trainable", "freeze_locked_batchnorm", "tower_layouts"]
@@ -253,7 +254,7 @@ def apply_trainable(model: nn.Module, config: FineTuneConfig) -> dict[str, int]:
                     warnings.warn(
                         f"The {layout.name} tower ({layout.kind}) has no output projection; with "
                         "train_projections_only nothing in it trains.",
-                        UserWarning,
+                        TrainingWarning,
                         stacklevel=3,
                     )
                 train.update(layout.projection)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CCClipError, NonFiniteLossWarning, TrainingDivergedError, TrainingWarning
 from ..models import ClipModel
 from . import checkpoint as ckpt
 from .cached import HeadsForward, cached_batches, heads_only, tower_features
@@ -93,37 +94,7 @@ _EXACTNESS = (
 
 
 # ================================================================================================= public types
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; training stopped without saving the bad state.
-
-    Attributes
-    ----------
-    step
-        The optimizer step (1-based) whose loss was not finite.
-    loss
-        The offending value.
-    last_good_checkpoint
-        The newest checkpoint written before it (``None`` when none was written).
-    """
-
-    def __init__(self, step: int, loss: float, last_good_checkpoint: Path | None, n_bad: int) -> None:
-        self.step = step
-        self.loss = loss
-        self.last_good_checkpoint = last_good_checkpoint
-        where = (
-            f"The last good checkpoint is {last_good_checkpoint}; resume from it with a lower learning rate, "
-            "or load it with load_model()."
-            if last_good_checkpoint is not None
-            else "No checkpoint was written before it (set out_dir and checkpoint_every_steps to keep one)."
-        )
-        super().__init__(
-            f"Training diverged: the loss at step {step} is {loss} ({n_bad} non-finite loss(es) in this run, "
-            f"more than max_nan_tolerance allows). {where} Usual causes: learning rate too high, fp16 overflow "
-            "(try precision='bf16' or 'fp32'), a corrupt batch."
-        )
-
-
-class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
+class TrainingOutOfMemoryError(CCClipError, torch.cuda.OutOfMemoryError):
     """The GPU ran out of memory; the message says what to change."""
 
 
@@ -585,7 +556,7 @@ class _Trainer:
             warnings.warn(
                 f"batch_size={b} is larger than the {n} usable training posts; using batch_size={shrunk} "
                 "(every epoch is one batch). Set batch_size <= the number of posts to silence this.",
-                UserWarning,
+                TrainingWarning,
                 stacklevel=4,
             )
             return shrunk
@@ -687,13 +658,15 @@ class _Trainer:
         eval_data = prepare_posts(eval_posts, clip, role="evaluation") if eval_posts is not None else None
         if eval_data is not None and len(eval_data) == 0:
             warnings.warn(
-                "eval_posts holds no usable post; training runs without evaluation", UserWarning, stacklevel=3
+                "eval_posts holds no usable post; training runs without evaluation",
+                TrainingWarning,
+                stacklevel=3,
             )
             eval_data = None
         if eval_data is None and cfg.early_stopping_metric is not None:
             warnings.warn(
                 f"early_stopping_metric={cfg.early_stopping_metric!r} needs eval_posts; early stopping is off",
-                UserWarning,
+                TrainingWarning,
                 stacklevel=3,
             )
 
@@ -789,7 +762,7 @@ class _Trainer:
             warnings.warn(
                 f"Resuming with changed settings {changed}; the run continues but will not match an "
                 "uninterrupted one.",
-                UserWarning,
+                TrainingWarning,
                 stacklevel=5,
             )
         saved_base = state.get("base", {})
@@ -989,7 +962,7 @@ class _Trainer:
                         warnings.warn(
                             f"Non-finite loss ({bad_loss}) at step {step}; step skipped "
                             f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
-                            RuntimeWarning,
+                            NonFiniteLossWarning,
                             stacklevel=2,
                         )
                     dt = time.perf_counter() - t0
@@ -1295,7 +1268,7 @@ class _Trainer:
             listing = ", ".join(f"{r}: {k}" for r, k in zip(reasons["reason"], reasons["len"], strict=True))
             warnings.warn(
                 f"{skipped.height} training post(s) were skipped ({listing}); see result.skipped",
-                UserWarning,
+                TrainingWarning,
                 stacklevel=4,
             )
         total_time = elapsed_before + elapsed

@@ -16,49 +16,43 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "parse_model_arg", "run", "write_table"]
+from ..errors import UsageError
+from ._common import add_flags, out_suffix, read_posts_checked, stdout_line
+
+__all__ = ["add_arguments", "parse_model_arg", "run", "write_table"]
+
+DESCRIPTION = (
+    "Embed a posts table with each model (reusing the embedding store) and report text-to-image and "
+    "image-to-text Recall@1/5/10 with bootstrap 95%% confidence intervals, median and mean rank, per "
+    "group (caption kind x language by default). --out writes the table as CSV or Parquet (by its suffix)."
+)
 
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _DEFAULT_GROUPS = ("caption_kind", "lang")
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``eval`` subcommand to a ``ccclip`` subparsers object.
-
-    Parameters
-    ----------
-    subparsers
-        The object returned by ``ArgumentParser.add_subparsers()``.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        The ``eval`` parser (its ``func`` default is :func:`run`).
-    """
-    p = subparsers.add_parser(
-        "eval",
-        help="retrieval metrics (R@k, ranks) per caption kind and language for one or more models",
-        description=(
-            "Embed a posts table with each model (reusing the embedding store) and report text-to-image and "
-            "image-to-text Recall@1/5/10 with bootstrap 95%% confidence intervals, median and mean rank, per "
-            "group (caption kind x language by default)."
-        ),
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``eval`` arguments."""
     p.add_argument("posts", help="posts table: CSV, TSV, Parquet or JSONL with post_id, image, text columns")
-    p.add_argument(
+    add_flags(
+        p,
         "--model",
-        action="append",
-        required=True,
-        metavar="[NAME=]SPEC",
-        help="model spec (demo, ARCH:TAG, ARCH:/weights, local-dir:DIR, checkpoint DIR); repeat to compare "
-        "models; prefix NAME= to label it in the table (default: the spec)",
-    )
-    p.add_argument(
-        "--image-root", default=None, help="folder image paths are relative to (default: the table's)"
+        "--out",
+        "--image-root",
+        "--device",
+        "--allow-random",
+        "--no-progress",
+        model={
+            "action": "append",
+            "required": True,
+            "metavar": "[NAME=]SPEC",
+            "help": "model spec (demo, ARCH:TAG, ARCH:/weights, local-dir:DIR, checkpoint DIR); repeat to compare "
+            "models; prefix NAME= to label it in the table (default: the spec)",
+        },
+        out={"default": None, "metavar": "FILE", "help": "write the table here: .csv, .parquet or .pq"},
     )
     p.add_argument(
         "--split",
@@ -73,18 +67,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="COLUMN",
         help="grouping columns (default: caption_kind lang, those present); give none for one overall row",
     )
-    p.add_argument("--out", default=None, help="write the table here: .csv or .parquet")
     p.add_argument("--store", default=None, help="embedding store folder (default: the toolkit cache)")
-    p.add_argument("--allow-random", action="store_true", help="allow ARCH:random (untrained weights)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: best available)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
     p.add_argument("--pool", default="group", choices=["group", "all"], help="candidate pool per group")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-    return p
 
 
 def parse_model_arg(value: str) -> tuple[str, str]:
@@ -127,15 +115,13 @@ def write_table(df: Any, path: str | os.PathLike[str]) -> Path:
 
     Raises
     ------
-    ValueError
-        For another suffix.
+    UsageError
+        For another suffix (a ``ValueError``).
     """
-    from ._io import atomic_write_bytes
+    from .._io import atomic_write_bytes
 
     path = Path(path)
-    kind = _SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"--out must end in .csv or .parquet, got {path.name!r}")
+    kind = out_suffix(str(path), _SUFFIXES)
     buf = io.BytesIO()
     if kind == "csv":
         df.write_csv(buf)
@@ -155,38 +141,33 @@ def _select_split(table: Any, split: str) -> tuple[Any, str]:
             return table.filter(pl.col("split") == "test"), "split == 'test'"
         return table, "all posts"
     if not has:
-        raise ValueError(f"--split {split} was given but the posts have no split column; use --split all")
+        raise UsageError(f"--split {split} was given but the posts have no split column; use --split all")
     sub = table.filter(pl.col("split") == split)
     if sub.height == 0:
         values = sorted(str(v) for v in table["split"].unique().to_list())
-        raise ValueError(f"no posts with split == {split!r}; the split column holds {values}")
+        raise UsageError(f"no posts with split == {split!r}; the split column holds {values}")
     return sub, f"split == {split!r}"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ccclip eval``: embed with every model, evaluate, print, write.
 
-    Parameters
-    ----------
-    args
-        Parsed arguments of the ``eval`` subcommand.
-
     Returns
     -------
     int
-        Exit status: 0 on success, 2 for bad arguments or data.
+        0; failures raise (the exit code comes from the error, see ``docs/cli.md``).
     """
+    import sys
+
     import numpy as np
     import polars as pl
 
-    from .embed import embed_posts
-    from .evaluate import evaluate_retrieval, format_gap_table
-    from .models import load_model
-    from .posts import read_posts
+    from ..embed import embed_posts
+    from ..evaluate import evaluate_retrieval, format_gap_table
+    from ..models import load_model
 
-    if args.out is not None and Path(args.out).suffix.lower() not in _SUFFIXES:
-        print(f"ccclip eval: error: --out must end in .csv or .parquet, got {args.out!r}", file=sys.stderr)
-        return 2
+    if args.out is not None:
+        out_suffix(args.out, _SUFFIXES)
     names: dict[str, str] = {}
     for value in args.model:
         name, spec = parse_model_arg(value)
@@ -195,19 +176,12 @@ def run(args: argparse.Namespace) -> int:
             name, i = f"{base}#{i}", i + 1
         names[name] = spec
 
-    posts = read_posts(args.posts, image_root=args.image_root)
-    try:
-        table, which = _select_split(posts.table, args.split)
-    except ValueError as exc:
-        print(f"ccclip eval: error: {exc}", file=sys.stderr)
-        return 2
-    if table.height == 0:
-        print(f"ccclip eval: error: no valid posts to evaluate\n{posts.summary()}", file=sys.stderr)
-        if posts.image_root is not None and "missing_image" in posts.reject_counts():
-            print(
-                "(image paths are read relative to --image-root, default the table's folder)", file=sys.stderr
-            )
-        return 2
+    rejects_to = None
+    if args.out is not None:
+        out = Path(args.out)
+        rejects_to = out.with_name(f"{out.stem}.rejects.csv")
+    posts = read_posts_checked(args.posts, image_root=args.image_root, rejects_to=rejects_to)
+    table, which = _select_split(posts.table, args.split)
     posts = type(posts)(table=table, rejects=posts.rejects, image_root=posts.image_root, source=posts.source)
 
     if args.group_by is None:
@@ -215,11 +189,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         missing = [g for g in args.group_by if g not in table.columns]
         if missing:
-            print(
-                f"ccclip eval: error: --group-by columns {missing} are not in the posts (columns: {table.columns})",
-                file=sys.stderr,
-            )
-            return 2
+            raise UsageError(f"--group-by columns {missing} are not in the posts (columns: {table.columns})")
         group_by = list(args.group_by)
 
     store = Path(args.store) if args.store else None
@@ -253,12 +223,12 @@ def run(args: argparse.Namespace) -> int:
     df = evaluate_retrieval(
         aligned, kept, group_by=group_by, n_boot=args.n_boot, seed=args.seed, pool=args.pool
     )
-    print(
+    stdout_line(
         f"{kept.height} posts evaluated ({which}{f', {dropped} dropped: image failed to decode' if dropped else ''}); "
         f"pool: {args.pool}; intervals: {args.n_boot} bootstrap resamples, 95%"
     )
-    print(format_gap_table(df))
+    stdout_line(format_gap_table(df))
     if args.out is not None:
         path = write_table(df, args.out)
-        print(f"table written to {path}")
+        stdout_line(f"table written to {path}")
     return 0

@@ -9,10 +9,7 @@ Train on the ``train`` split, evaluate on ``test``, resume if interrupted::
 
 Several GPUs (negatives span all of them)::
 
-    torchrun --nproc_per_node 4 -m ccclip_widgets.train.cli finetune posts.csv --model ... --out runs/ddp
-
-Runs standalone as ``python -m ccclip_widgets.train.cli finetune ...``; ``ccclip_widgets.cli`` adds the same
-subcommand to ``ccclip`` through :func:`add_parser`.
+    torchrun --nproc_per_node 4 -m ccclip_widgets.cli finetune posts.csv --model ... --out runs/ddp
 """
 
 from __future__ import annotations
@@ -20,47 +17,43 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import FineTuneConfig, add_config_arguments, config_from_args
+from ..errors import CCClipError, UsageError
+from ..train.config import FineTuneConfig, add_config_arguments, config_from_args
+from ._common import add_flags, finish_distributed, read_posts_checked, setup_distributed, stdout_line
 
-__all__ = ["add_parser", "format_metrics", "main", "run"]
+__all__ = ["add_arguments", "format_metrics", "run"]
+
+DESCRIPTION = (
+    "Fine-tune a CLIP model contrastively on the image-text pairs of a posts table. Checkpoints go to "
+    "--out; rerun with --resume to continue an interrupted run exactly. Under torchrun, every process "
+    "trains a slice of each batch and negatives span all of them."
+)
+INTERRUPTED = "rerun the same command with --resume to continue"
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``finetune`` subcommand to an argparse ``subparsers`` object.
-
-    Parameters
-    ----------
-    subparsers
-        From ``parser.add_subparsers()``.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        The subcommand's parser (its ``func`` default is :func:`run`).
-    """
-    p = subparsers.add_parser(
-        "finetune",
-        help="contrastive fine-tuning (C-CLIP) with checkpoints and resume",
-        description=(
-            "Fine-tune a CLIP model contrastively on the image-text pairs of a posts table. Checkpoints go to "
-            "--out; rerun with --resume to continue an interrupted run exactly. Under torchrun, every process "
-            "trains a slice of each batch and negatives span all of them."
-        ),
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``finetune`` arguments: the shared flags, the data selection, and one flag per config field."""
     p.add_argument(
         "posts", help="training posts: CSV, TSV, Parquet or JSONL with post_id, image, text columns"
     )
-    p.add_argument(
-        "--model", required=True, help="model spec: demo, ARCH:TAG, ARCH:/weights, local-dir:DIR, DIR"
-    )
-    p.add_argument("--out", required=True, help="output folder: checkpoints, best/, final/, run.json")
-    p.add_argument(
-        "--image-root", default=None, help="folder image paths are relative to (default: the table's)"
+    add_flags(
+        p,
+        "--model",
+        "--out",
+        "--image-root",
+        "--device",
+        "--allow-random",
+        "--no-progress",
+        model={"required": True},
+        out={
+            "required": True,
+            "metavar": "DIR",
+            "help": "output folder: checkpoints, best/, final/, run.json",
+        },
     )
     evaluation = p.add_mutually_exclusive_group()
     evaluation.add_argument("--eval-posts", default=None, help="held-out posts file for evaluation")
@@ -76,35 +69,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the newest checkpoint in --out, if any"
     )
     p.add_argument("--config", default=None, help="JSON file of FineTuneConfig fields (flags override it)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: best available)")
-    p.add_argument(
-        "--allow-random",
-        action="store_true",
-        help="allow ARCH:random (untrained weights), e.g. for smoke tests",
-    )
     p.add_argument(
         "--check-images",
         default="header",
         choices=["none", "header", "full"],
         help="image checks when reading the posts (default: header)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def _read(path: str, image_root: str | None, check: str) -> Any:
-    from ..posts import read_posts
-
-    return read_posts(path, image_root=image_root, check_images=check)  # type: ignore[arg-type]
 
 
 def _split(posts: Any, value: str, keep: bool) -> Any:
     import polars as pl
 
     if "split" not in posts.table.columns:
-        raise ValueError(
+        raise UsageError(
             f"--eval-split/--train-split need a 'split' column; the posts have {posts.table.columns}"
         )
     cond = pl.col("split") == value
@@ -125,7 +103,7 @@ def format_metrics(after: dict[str, float], before: dict[str, float] | None = No
     -------
     str
     """
-    from .metrics import metrics_frame
+    from ..train.metrics import metrics_frame
 
     frame = metrics_frame(after)
     if frame.height == 0:
@@ -149,55 +127,56 @@ def format_metrics(after: dict[str, float], before: dict[str, float] | None = No
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``finetune`` from parsed arguments; prints a summary and the final metrics table.
-
-    Parameters
-    ----------
-    args
-        From the parser built by :func:`add_parser`.
-
-    Returns
-    -------
-    int
-        Exit status: 0 success, 2 bad input, 3 training diverged.
-    """
-    from ..models import load_model
-    from .checkpoint import find_checkpoint
-    from .distributed import init_distributed
-    from .loop import TrainingDivergedError, fine_tune
-
+def _config(args: argparse.Namespace) -> FineTuneConfig:
     base = None
     if args.config:
-        base = FineTuneConfig.from_dict(json.loads(Path(args.config).read_text()))
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config file not found: {path}")
+        try:
+            base = FineTuneConfig.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--config {path}: {exc}") from exc
     try:
         config = config_from_args(args, base=base)
-    except ValueError as exc:
-        print(f"ccclip finetune: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
     if args.no_progress:
         from dataclasses import replace
 
         config = replace(config, show_progress=False)
+    return config
 
-    device = args.device
-    info = init_distributed(None if device is None else ("cuda" if str(device).startswith("cuda") else "cpu"))
-    if info.enabled and device in (None, "cuda"):
-        import torch
 
-        if torch.cuda.is_available():
-            device = f"cuda:{info.local_rank}"
+def run(args: argparse.Namespace) -> int:
+    """Run ``finetune`` from parsed arguments; prints a summary and the final metrics table.
 
-    posts = _read(args.posts, args.image_root, args.check_images)
+    Returns
+    -------
+    int
+        0; failures raise (the exit code comes from the error, see ``docs/cli.md``).
+    """
+    from ..models import load_model
+    from ..train.checkpoint import find_checkpoint
+    from ..train.loop import fine_tune
+
+    config = _config(args)
+    info, device = setup_distributed(args.device)
+    out = Path(args.out)
+    read = {"image_root": args.image_root, "check_images": args.check_images}
+    posts = read_posts_checked(args.posts, rejects_to=out / "rejects.csv" if info.is_main else None, **read)
     eval_posts = None
     if args.eval_posts:
-        eval_posts = _read(args.eval_posts, args.image_root, args.check_images)
+        eval_to = out / "eval_rejects.csv" if info.is_main else None
+        eval_posts = read_posts_checked(args.eval_posts, rejects_to=eval_to, **read)
     elif args.eval_split:
         eval_posts = _split(posts, args.eval_split, keep=True)
         if not args.train_split:
             posts = _split(posts, args.eval_split, keep=False)
     if args.train_split:
         posts = _split(posts, args.train_split, keep=True)
+    if len(posts) == 0:
+        raise UsageError("no training posts are left after the split selection (--train-split/--eval-split)")
 
     resume = None
     if args.resume:
@@ -205,10 +184,10 @@ def run(args: argparse.Namespace) -> int:
         # warning) in favour of the previous intact one instead of stopping the run.
         resume = args.out if find_checkpoint(args.out) is not None else None
         if resume is None and info.is_main:
-            print(f"no checkpoint in {args.out} yet: starting a new run")
+            stdout_line(f"no checkpoint in {args.out} yet: starting a new run")
     model = load_model(args.model, device=device, allow_random=args.allow_random)
     if info.is_main:
-        print(
+        stdout_line(
             f"model {model.name} ({args.model}) on {model.device}; {len(posts)} training posts"
             + (f", {len(eval_posts)} evaluation posts" if eval_posts is not None else "")
         )
@@ -218,65 +197,20 @@ def run(args: argparse.Namespace) -> int:
             result = fine_tune(
                 model, posts, config, eval_posts=eval_posts, resume_from=resume, out_dir=args.out
             )
-    except TrainingDivergedError as exc:
-        print(f"ccclip finetune: {exc}", file=sys.stderr)
-        return 3
     except ValueError as exc:
-        print(f"ccclip finetune: error: {exc}", file=sys.stderr)
-        return 2
+        if isinstance(exc, CCClipError):
+            raise
+        # fine_tune checks its inputs with ValueError (settings that cannot work with these posts)
+        raise UsageError(str(exc)) from exc
     if info.is_main:
-        print(result.summary())
+        stdout_line(result.summary())
         if result.final_metrics:
             first = (
                 result.eval_history[0]
                 if result.eval_history and result.eval_history[0]["step"] == 0
                 else None
             )
-            print()
-            print(format_metrics(result.final_metrics, first))
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+            stdout_line("")
+            stdout_line(format_metrics(result.final_metrics, first))
+    finish_distributed(info)
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A standalone parser with the ``finetune`` subcommand (``python -m ccclip_widgets.train.cli``)."""
-    parser = argparse.ArgumentParser(prog="python -m ccclip_widgets.train.cli")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m ccclip_widgets.train.cli finetune ...``.
-
-    Parameters
-    ----------
-    argv
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status.
-    """
-    import logging
-
-    from ..models import ModelLoadError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ModelLoadError, FileNotFoundError) as exc:
-        print(f"ccclip finetune: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command with --resume to continue.", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
