@@ -31,7 +31,7 @@ __all__ = ["DEMO_RECIPE", "demo_finetune_config", "demo_train_posts", "open_lab"
 #: (``ccclip_widgets.demo.standin.demo_validation_ids``; the comparison is in data/models/README.md).
 DEMO_RECIPE: dict[str, Any] = {
     "pairs": "commentative in every language + the same images' descriptive captions",
-    "epochs": 40,
+    "epochs": 10,
     "lr": 1e-3,
     "batch_size": 256,
     "weight_decay": 0.1,
@@ -105,15 +105,6 @@ def demo_finetune_config(
     )
 
 
-def _vectors(clip: Any, prepared: Any, show_progress: bool) -> tuple[Any, Any]:
-    """Per-post image and text vectors from the (memoised) tower outputs and the model's current heads."""
-    from ..train.cached import project, tower_features
-
-    feats = tower_features(clip, prepared, show_progress=show_progress)
-    img, txt = project(clip.model, feats)
-    return img[prepared.image_ids].numpy(), txt[prepared.text_ids].numpy()
-
-
 def run_demo(
     out_dir: str | os.PathLike[str] | None = None,
     *,
@@ -154,7 +145,7 @@ def run_demo(
     from ..gap_report import format_verdicts, gap_gallery, gap_verdicts, text_to_image_ranks
     from ..models import load_model, save_checkpoint
     from ..train import fine_tune
-    from ..train.data import prepare_posts
+    from ..train.cached import encode_posts_cached
     from . import load_demo_posts
     from .model import TEXT_BASE_PREFIX
 
@@ -174,14 +165,12 @@ def run_demo(
     )
     clip = load_model("demo", device=device)
     base_fp = clip.fingerprint
-    prepared = prepare_posts(test, clip, role="evaluation")
-    table_posts = prepared.table
-    vec_before = _vectors(clip, prepared, show_progress)
+    table_posts, *vec_before = encode_posts_cached(clip, test, show_progress=show_progress)
     n_boot = 200 if smoke else 1000
     kw = dict(
         group_by=("caption_kind", "lang"), pool="all", n_boot=n_boot, seed=seed, directions=("text_to_image",)
     )
-    table = evaluate_retrieval({"stand-in CLIP": vec_before}, table_posts, **kw)
+    table = evaluate_retrieval({"stand-in CLIP": tuple(vec_before)}, table_posts, **kw)
     print("\nBefore fine-tuning (text -> image; candidate pool: all held-out images):")
     print(format_gap_table(table))
 
@@ -207,8 +196,8 @@ def run_demo(
             partial_base_prefixes=(TEXT_BASE_PREFIX,),
         )
     ft_seconds = time.perf_counter() - t_ft
-    vec_after = _vectors(tuned, prepared, show_progress)
-    vectors = {"stand-in CLIP": vec_before, "C-CLIP (fine-tuned)": vec_after}
+    _, *vec_after = encode_posts_cached(tuned, test, show_progress=show_progress)
+    vectors = {"stand-in CLIP": tuple(vec_before), "C-CLIP (fine-tuned)": tuple(vec_after)}
     table = evaluate_retrieval(vectors, table_posts, **kw)
     print("\nAfter fine-tuning, both models on the same held-out captions:")
     print(format_gap_table(table))

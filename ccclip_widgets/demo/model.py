@@ -361,6 +361,8 @@ def assemble_demo_model(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     training: dict[str, Any] | None = None,
+    standin_dir: str | os.PathLike[str] | None = None,
+    validation_excluded: bool = True,
 ) -> Path:
     """Put the weights from ``tools/train_standin.py`` into the demo architecture and save the compact checkpoint.
 
@@ -372,6 +374,11 @@ def assemble_demo_model(
         Destination (default ``data/models/demo-clip``).
     training
         The trainer's ``standin.json`` (settings, held-out retrieval, hardware), stored as provenance.
+    standin_dir
+        The pool the weights were trained on; its manifest is written next to the weights
+        (``standin_manifest.csv``).
+    validation_excluded
+        Whether that pool left out the demo validation images (recorded in the provenance).
 
     Returns
     -------
@@ -406,6 +413,7 @@ def assemble_demo_model(
         "training_data": "stand-in pool (ccclip_widgets.demo.standin): openclipart images outside every "
         "near-duplicate group of a demo test image or a reserved image; descriptive English captions only",
         "train_images": training.get("train_images"),
+        "validation_excluded": validation_excluded,
         "heldout_images": training.get("heldout_images"),
         "chosen": training.get("chosen"),
         "hardware": training.get("device"),
@@ -421,6 +429,10 @@ def assemble_demo_model(
         include=lambda k: not k.startswith(TEXT_BASE_PREFIX),
         partial_base_prefixes=(TEXT_BASE_PREFIX,),
     )
+    if standin_dir is not None:
+        from .standin import write_standin_manifest
+
+        write_standin_manifest(Path(standin_dir), out / "standin_manifest.csv")
     return out
 
 

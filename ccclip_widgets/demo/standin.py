@@ -59,6 +59,7 @@ __all__ = [
     "build_standin_pool",
     "demo_validation_ids",
     "read_reserved_images",
+    "write_standin_manifest",
 ]
 
 #: At most this many visibly different images of one near-duplicate group (1,375 "gramastar" stars would
@@ -136,6 +137,43 @@ def read_reserved_images(path: str | os.PathLike[str] | None = None) -> set[str]
     return out
 
 
+def write_standin_manifest(standin_dir: Path, out: Path) -> int:
+    """Write the pool's training manifest (``image_id``, ``source``, ``title``, ``split``: train or heldout).
+
+    It is committed next to the demo weights, so what the stand-in learned from can be checked without
+    rebuilding the pool (``tests/test_demo_manifests.py``).
+
+    Returns
+    -------
+    int
+        Rows written.
+    """
+    import polars as pl
+
+    from .._io import atomic_write_bytes
+
+    posts = pl.read_parquet(Path(standin_dir) / "posts.parquet")
+    frame = (
+        posts.select(
+            "image_id",
+            "source",
+            "title",
+            pl.when(pl.col("split") == "test")
+            .then(pl.lit("heldout"))
+            .otherwise(pl.lit("train"))
+            .alias("split"),
+        )
+        .unique("image_id")
+        .sort("image_id")
+    )
+    import io
+
+    buf = io.BytesIO()
+    frame.write_csv(buf)
+    atomic_write_bytes(Path(out), buf.getvalue())
+    return frame.height
+
+
 def build_standin_pool(
     standin_dir: Path | None = None,
     *,
@@ -147,6 +185,7 @@ def build_standin_pool(
     workers: int | None = None,
     seed: int = 0,
     install_missing: bool = True,
+    exclude_validation: bool = True,
 ) -> dict[str, Any]:
     """Write the stand-in pool (``images/*.webp`` + ``posts.parquet``, descriptive English captions).
 
@@ -169,6 +208,10 @@ def build_standin_pool(
         Seed of the held-out choice.
     install_missing
         Install the Debian packages when missing (root only).
+    exclude_validation
+        Leave out the demo validation images (:func:`demo_validation_ids`) and their look-alikes, so recipes
+        are compared on images the stand-in never saw. False reproduces the pool of the shipped weights, which
+        were trained before the validation split existed (see ``data/models/README.md``).
 
     Returns
     -------
@@ -219,7 +262,7 @@ def build_standin_pool(
                 )
             )
     titles = {c.record.image_id: c.title for c in images}
-    validation = demo_validation_ids(worklist, titles)
+    validation = demo_validation_ids(worklist, titles) if exclude_validation else set()
     roots = _near_duplicate_groups(images)
     members: dict[int, list[_Candidate]] = defaultdict(list)
     for c, root in zip(images, roots, strict=True):

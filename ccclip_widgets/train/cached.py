@@ -272,6 +272,33 @@ def project(model: nn.Module, feats: TowerFeatures) -> tuple[torch.Tensor, torch
     return image, text
 
 
+def encode_posts_cached(
+    clip: Any, posts: Any, *, show_progress: bool = True
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Per-post image and text vectors through memoised tower outputs and the model's current heads.
+
+    Parameters
+    ----------
+    clip
+        A :class:`~ccclip_widgets.models.ClipModel` with separate heads (the demo model).
+    posts
+        :class:`~ccclip_widgets.posts.Posts` (or its table).
+    show_progress
+        Progress bar while towers encode.
+
+    Returns
+    -------
+    (table, image_vectors, text_vectors)
+        The rows that were encoded (posts without an image are left out) and ``N x D`` float32 arrays.
+    """
+    from .data import prepare_posts
+
+    prepared = prepare_posts(posts, clip, role="evaluation")
+    feats = tower_features(clip, prepared, show_progress=show_progress)
+    img, txt = project(clip.model, feats)
+    return prepared.table, img[prepared.image_ids].numpy(), txt[prepared.text_ids].numpy()
+
+
 def cached_batches(
     feats: TowerFeatures, data: PreparedPosts, sampler: Any
 ) -> Iterator[
