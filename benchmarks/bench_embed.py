@@ -125,12 +125,17 @@ class GpuSampler:
         self.gpu_index = gpu_index
         self.interval_ms = interval_ms
         self.samples: list[tuple[float, float]] = []
+        self.errors = 0
+        self.last_error: str | None = None
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
     def __enter__(self) -> GpuSampler:
         exe = shutil.which("nvidia-smi")
-        if exe is None or self.gpu_index is None:
+        if self.gpu_index is None:
+            return self
+        if exe is None:
+            self.errors, self.last_error = 1, "nvidia-smi not found"
             return self
         cmd = [
             exe,
@@ -139,7 +144,7 @@ class GpuSampler:
             f"--loop-ms={self.interval_ms}",
             f"--id={self.gpu_index}",
         ]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         time.sleep(0.3)  # let nvidia-smi start before the measured work
@@ -152,7 +157,8 @@ class GpuSampler:
             try:
                 self.samples.append((float(parts[0]), float(parts[1])))
             except (ValueError, IndexError):
-                continue
+                self.errors += 1
+                self.last_error = f"unreadable line: {line.strip()[:120]!r}"
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
@@ -163,10 +169,15 @@ class GpuSampler:
                 self._proc.kill()
             if self._reader is not None:
                 self._reader.join(timeout=5)
+            if self._proc.returncode not in (0, -15, None) and self._proc.stderr is not None:
+                self.errors += 1
+                self.last_error = f"nvidia-smi exit {self._proc.returncode}: {self._proc.stderr.read()[:200]}"
 
     def summary(self) -> dict[str, Any] | None:
-        """Mean and p90 utilisation (%), max memory used (MiB), sample count; None when not sampled."""
+        """Mean and p90 utilisation (%), max memory used (MiB), sample and failure counts; None when not asked."""
         if not self.samples:
+            if self.errors:
+                return {"samples": 0, "sampler_errors": self.errors, "sampler_last_error": self.last_error}
             return None
         import numpy as np
 
@@ -177,6 +188,8 @@ class GpuSampler:
             "util_p90_pct": round(float(np.percentile(util, 90)), 1),
             "mem_used_max_mib": round(float(mem.max()), 0),
             "samples": len(self.samples),
+            "sampler_errors": self.errors,
+            **({"sampler_last_error": self.last_error} if self.last_error else {}),
         }
 
 
@@ -621,17 +634,22 @@ def bench_embed_posts(
 
 def bench_text_prep(model: Any, texts: Sequence[str]) -> dict[str, Any]:
     """(f) serial tokenization and truncation counting: the CPU cost per text that embed_posts pays."""
+    model.tokenize(list(texts[:2048]))  # warm-up: fills the tokenizer's BPE cache for every variant alike
     t0 = time.perf_counter()
     model.tokenize(list(texts))
     tok = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.count_truncated(list(texts))
     cnt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.tokenize_counting(list(texts))
+    both = time.perf_counter() - t0
     n = len(texts)
     return {
         "texts": n,
         "tokenize_texts_per_s": _rate(n, tok),
         "count_truncated_texts_per_s": _rate(n, cnt),
+        "tokenize_counting_one_pass_texts_per_s": _rate(n, both),
     }
 
 
@@ -651,8 +669,10 @@ def _gpu_cell(rec: dict[str, Any]) -> str:
     g = rec.get("gpu")
     mem = rec.get("peak_gpu_mem_gib")
     parts = []
-    if g:
+    if g and "util_mean_pct" in g:
         parts.append(f"util {g['util_mean_pct']:.0f}% mean / {g['util_p90_pct']:.0f}% p90")
+    if g and g.get("sampler_errors"):
+        parts.append(f"{g['sampler_errors']} failed utilisation reads")
     if mem is not None:
         parts.append(f"peak {mem} GiB")
     return ", ".join(parts)
@@ -714,7 +734,8 @@ def markdown(report: dict[str, Any]) -> str:
         t = r["text_prep"]
         rows.append(
             f"| (f) tokenize only, serial | {_fmt(t['tokenize_texts_per_s'])} texts/s | | "
-            f"count_truncated {_fmt(t['count_truncated_texts_per_s'])} texts/s |"
+            f"count_truncated {_fmt(t['count_truncated_texts_per_s'])} texts/s; both in one pass "
+            f"{_fmt(t.get('tokenize_counting_one_pass_texts_per_s'))} texts/s (embed_posts runs it in workers) |"
         )
     lines = ["\n".join(rows), ""]
     for label, ratio in report.get("ratios", {}).items():

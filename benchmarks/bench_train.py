@@ -3,17 +3,23 @@
 What it measures with ViT-B-32 at 224 px, random weights, AdamW, batch 256, bf16 autocast (on a GPU):
 
 (a) ``step_only``: the training step of :func:`ccclip_widgets.train.fine_tune` (both towers, ClipLoss, backward,
-    gradient clipping, fused AdamW, temperature clamp, one loss read-back per step) on tensors already on the GPU;
+    gradient clipping, fused AdamW, temperature clamp, a loss read-back every ``--read-every`` steps) on tensors
+    already on the GPU;
 (b) ``fine_tune_synthetic``: ``fine_tune`` end to end on N distinct in-memory PNG images (solid colors, 224 px)
     with distinct texts: the DataLoader path on data as cheap as open_clip's synthetic set;
 (c) ``fine_tune_jpeg``: ``fine_tune`` end to end on N JPEGs of 400 x 300 px (quality 90) on disk, with the
     default mild augmentation: what real posts cost;
-(d) ``open_clip_train``: ``python -m open_clip_train.main --dataset-type synthetic`` with the same model, batch,
-    precision and worker count; its logged samples/s are parsed from its output.
+(d) ``open_clip_train``: ``python -m open_clip_train.main --dataset-type csv`` on a csv of **the same JPEG files**
+    as (c), with the same model, batch, precision, worker count and number of steps, logging (and so reading its
+    loss back) every ``--read-every`` steps as ours does. Its log file alone is parsed (not also its stdout,
+    where the same lines appear): each line holds the mean step time since the previous one.
 
-Throughput is pairs per second over the timed steps (the first ``--warmup`` steps are excluded). Peak memory is
-``torch.cuda.max_memory_allocated`` for (a)-(c) and, for all four, the highest ``nvidia-smi`` memory.used seen
-while each ran (the only figure available for (d), which runs in its own process).
+Throughput is pairs per second over the steps after the first ``--warmup`` (both trainers; open_clip_train's
+window starts at its first log line at or after that step). Peak memory: ``torch.cuda.max_memory_allocated`` for
+(a)-(c) in this process; for (d), which runs in its own process, that process's own ``used_memory`` from
+``nvidia-smi --query-compute-apps`` filtered by its PID (never the whole device's memory, which counts this
+process too). GPU utilisation is the mean of ``nvidia-smi`` samples every 200 ms while each row ran; failed
+reads are counted in ``sampler_errors``.
 
 ``--cpu-demo`` measures (b) and (c) on this machine's CPU for a demo-size model (the ``demo`` model if it loads,
 else a ResNet-18 image tower at 64 px with a 6-layer MiniLM-size text tower), fp32. ``--quick`` is a fast CPU
@@ -68,38 +74,64 @@ WORDS = (
 
 # ----------------------------------------------------------------------------------------------- helpers
 class GpuSampler:
-    """Polls ``nvidia-smi`` in a thread: the highest memory.used (MiB) and mean utilization while active."""
+    """Polls ``nvidia-smi`` in a thread: device utilization and memory, and per-process memory of watched PIDs.
+
+    Every failed poll is counted and its message kept (``sampler_errors``, ``sampler_last_error``): a sampler
+    that stopped reading says so in the results instead of leaving a short or empty series behind.
+    """
 
     def __init__(self, index: int = 0, period_s: float = 0.2) -> None:
         self.index = index
         self.period_s = period_s
         self.memory: list[float] = []
         self.util: list[float] = []
+        self.proc_memory: dict[int, list[float]] = {}
+        self.watch: set[int] = set()
+        self.errors = 0
+        self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _query(self, args: list[str]) -> str:
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={self.index}", *args, "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"nvidia-smi exit {out.returncode}: {out.stderr.strip()[:200]}")
+        return out.stdout.strip()
+
+    def _poll_once(self) -> None:
+        try:
+            mem, util = (
+                float(x) for x in self._query(["--query-gpu=memory.used,utilization.gpu"]).split(",")[:2]
+            )
+            self.memory.append(mem)
+            self.util.append(util)
+            if self.watch:
+                for line in self._query(["--query-compute-apps=pid,used_memory"]).splitlines():
+                    parts = [x.strip() for x in line.split(",")]
+                    if len(parts) >= 2 and parts[0].isdigit() and int(parts[0]) in self.watch:
+                        self.proc_memory.setdefault(int(parts[0]), []).append(float(parts[1]))
+        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+
     def _poll(self) -> None:
-        cmd = [
-            "nvidia-smi",
-            f"--id={self.index}",
-            "--query-gpu=memory.used,utilization.gpu",
-            "--format=csv,noheader,nounits",
-        ]
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
-                mem, util = (float(x) for x in out.split(",")[:2])
-                self.memory.append(mem)
-                self.util.append(util)
-            except (OSError, ValueError, subprocess.SubprocessError):
-                return
+            self._poll_once()
             self._stop.wait(self.period_s)
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[GpuSampler]:
-        """Sample while the block runs."""
+    def active(self, watch: set[int] | None = None) -> Iterator[GpuSampler]:
+        """Sample while the block runs; ``watch``: PIDs whose own GPU memory to record (more may be added)."""
         self.memory.clear()
         self.util.clear()
+        self.proc_memory.clear()
+        self.watch = set(watch or ())
+        self.errors, self.last_error = 0, None
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -109,12 +141,20 @@ class GpuSampler:
             self._stop.set()
             self._thread.join(timeout=10)
 
-    def summary(self) -> dict[str, float | None]:
-        """Peak memory (GiB) and mean utilization (%)."""
-        return {
-            "smi_peak_memory_gib": round(max(self.memory) / 1024, 2) if self.memory else None,
+    def summary(self) -> dict[str, Any]:
+        """Device peak memory (GiB, all processes), mean utilization (%), per-PID peaks, sample and error counts."""
+        out: dict[str, Any] = {
+            "smi_device_peak_memory_gib": round(max(self.memory) / 1024, 2) if self.memory else None,
             "smi_mean_util_pct": round(statistics.fmean(self.util), 1) if self.util else None,
+            "smi_samples": len(self.util),
+            "sampler_errors": self.errors,
         }
+        if self.last_error:
+            out["sampler_last_error"] = self.last_error
+        for pid in sorted(self.watch):
+            seen = self.proc_memory.get(pid)
+            out[f"smi_process_peak_memory_gib[{pid}]"] = round(max(seen) / 1024, 2) if seen else None
+        return out
 
 
 def hardware() -> dict[str, Any]:
@@ -242,6 +282,7 @@ def bench_step_only(
     grad_clip: bool = True,
     masks: bool = True,
     fused: bool = True,
+    read_every: int = 10,
 ) -> dict:
     """The fine-tuning step on pre-made tensors on the model's device (switches: what each part costs)."""
     import torch
@@ -301,8 +342,8 @@ def bench_step_only(
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if sync_every_step:
-            float(loss.item())  # the loop reads every loss back (NaN guard)
+        if sync_every_step and (i + 1) % read_every == 0:
+            float(loss.item())  # the loop reads the losses back every read_every steps
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -374,7 +415,7 @@ def bench_fine_tune(
 
 ABLATIONS: dict[str, dict[str, bool]] = {
     "no channels_last": {"channels_last": False},
-    "no per-step loss read-back": {"sync_every_step": False},
+    "no loss read-back": {"sync_every_step": False},
     "no gradient clipping": {"grad_clip": False},
     "no pair masks": {"masks": False},
     "foreach AdamW (not fused)": {"fused": False},
@@ -524,22 +565,45 @@ def check_resume(spec: str, device: str, posts: Any, batch: int, steps: int, wor
 
 
 # ----------------------------------------------------------------------------------------------- (d)
-_RATE = re.compile(r"Batch \(t\): ([\d.]+), ([\d.]+)/s, ([\d.]+)/s/gpu")
+_LINE = re.compile(
+    r"Train Epoch: \d+ \[\s*(\d+)/\d+ \(\d+%\)\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+), ([\d.]+)/s"
+)
+
+
+def write_open_clip_csv(posts: Any, rows: int, path: Path) -> Path:
+    """open_clip_train's csv data set over the same image files as ``posts`` (cycled to ``rows`` rows)."""
+    table = posts.table
+    files = table["image_path"].to_list()
+    texts = [t.replace("\t", " ").replace("\n", " ") for t in table["text"].to_list()]
+    with path.open("w") as fh:
+        fh.write("filepath\ttitle\n")
+        for i in range(rows):
+            fh.write(f"{files[i % len(files)]}\t{texts[i % len(texts)]}\n")
+    return path
 
 
 def open_clip_train_command(
-    logs: Path, batch: int, steps: int, workers: int, precision: str = "amp_bf16", model: str = "ViT-B-32"
+    logs: Path,
+    csv: Path,
+    batch: int,
+    workers: int,
+    log_every: int,
+    precision: str = "amp_bf16",
+    model: str = "ViT-B-32",
 ) -> list[str]:
-    """The command line of open_clip's own trainer on its synthetic data set, matched to our settings.
+    """open_clip's own trainer on a csv of our JPEG files, matched to our settings (one epoch over the csv).
 
     Parameters
     ----------
     logs
         Folder for its logs (a fresh one).
-    batch, steps
-        Batch size and number of steps (``--train-num-samples = batch * steps``, one epoch).
-    workers
-        DataLoader workers.
+    csv
+        Its data set (``filepath``, ``title``; one step per ``batch`` rows).
+    batch, workers
+        Batch size and DataLoader workers.
+    log_every
+        Its ``--log-every-n-steps``: it reads the loss back (a host sync) only on those steps, as we read ours
+        every ``read_every_steps``; each log line holds the mean step time since the previous one.
     precision
         open_clip precision name (``amp_bf16`` matches our bf16 autocast).
     model
@@ -556,9 +620,13 @@ def open_clip_train_command(
         "--model",
         model,
         "--dataset-type",
-        "synthetic",
-        "--train-num-samples",
-        str(batch * steps),
+        "csv",
+        "--train-data",
+        str(csv),
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
         "--batch-size",
         str(batch),
         "--precision",
@@ -576,7 +644,7 @@ def open_clip_train_command(
         "--grad-clip-norm",
         "1.0",
         "--log-every-n-steps",
-        "5",
+        str(log_every),
         "--seed",
         "0",
         "--logs",
@@ -587,48 +655,80 @@ def open_clip_train_command(
         "",
         "--save-frequency",
         "0",
+        "--log-local",
     ]
 
 
-def parse_open_clip_rates(log_text: str, skip: int = 2) -> dict[str, Any]:
-    """Samples/s from open_clip_train's ``Train Epoch`` log lines (the first ``skip`` lines are warm-up).
+def parse_open_clip_log(log_text: str, batch: int, after_step: int) -> dict[str, Any]:
+    """Throughput of open_clip_train over the steps after ``after_step``, from its ``Train Epoch`` lines.
+
+    Each line gives the mean step time (``Batch (t)``, data wait included) since the previous line; the number
+    of samples seen so far identifies the step. Steps ``after_step + 1 ...`` are summed interval by interval,
+    starting at the first line at or after ``after_step``. Pass the text of one source (its log file, or its
+    output when there is no file): the same line appears in both.
 
     Returns
     -------
     dict
-        ``samples_per_s`` (from the last line's average batch time), ``median_logged_samples_per_s`` (median of
-        the per-line figures after ``skip``), ``n_log_lines``.
+        ``samples_per_s`` over the window, ``window_steps`` (first, last), ``data_wait_share`` (its
+        ``Data (t)`` over ``Batch (t)`` in the window), ``n_log_lines``.
     """
-    found = [(float(a), float(b)) for a, b, _ in _RATE.findall(log_text)]
-    if not found:
-        return {"samples_per_s": None, "median_logged_samples_per_s": None, "n_log_lines": 0}
-    later = found[skip:] or found
-    return {
-        "median_logged_samples_per_s": round(statistics.median(r for _, r in later), 1),
-        "last_avg_batch_time_s": later[-1][0],
-        "n_log_lines": len(found),
-    }
+    lines = [(int(n) // batch, float(d), float(b)) for n, d, b, _ in _LINE.findall(log_text)]
+    out: dict[str, Any] = {"n_log_lines": len(lines), "samples_per_s": None}
+    start = next((k for k, (step, _, _) in enumerate(lines) if step >= after_step), None)
+    if start is None or start + 1 >= len(lines):
+        return out
+    seconds = data = 0.0
+    n_steps = 0
+    for (prev, _, _), (step, d, b) in zip(lines[start:], lines[start + 1 :]):
+        seconds += b * (step - prev)
+        data += d * (step - prev)
+        n_steps += step - prev
+    out.update(
+        samples_per_s=round(batch * n_steps / seconds, 1) if seconds > 0 else None,
+        window_steps=(lines[start][0] + 1, lines[-1][0]),
+        data_wait_share=round(data / seconds, 3) if seconds > 0 else None,
+    )
+    return out
 
 
-def bench_open_clip_train(batch: int, steps: int, workers: int, sampler: GpuSampler) -> dict:
-    """Run open_clip's trainer (GPU machines only) and parse its throughput."""
+def bench_open_clip_train(
+    jposts: Any, batch: int, warmup: int, steps: int, workers: int, read_every: int, sampler: GpuSampler
+) -> dict:
+    """Run open_clip's trainer on the same JPEG files (GPU machines only); its throughput and own GPU memory."""
     logs = Path(tempfile.mkdtemp(prefix="oc_train_"))
-    cmd = open_clip_train_command(logs, batch, steps, workers)
+    csv = write_open_clip_csv(jposts, batch * (warmup + steps), logs / "train.csv")
+    cmd = open_clip_train_command(logs, csv, batch, workers, read_every)
     t0 = time.perf_counter()
-    with sampler.active():
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    with sampler.active() as smp:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        smp.watch.add(proc.pid)
+        try:
+            output, _ = proc.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
     wall = time.perf_counter() - t0
-    text = proc.stdout + proc.stderr
     log_file = logs / "bench" / "out.log"
-    if log_file.is_file():
-        text += log_file.read_text(errors="replace")
-    out: dict[str, Any] = {"returncode": proc.returncode, "wall_s": round(wall, 1), "command": " ".join(cmd)}
-    out.update(parse_open_clip_rates(text))
-    if out.get("last_avg_batch_time_s"):
-        out["samples_per_s"] = round(batch / out["last_avg_batch_time_s"], 1)
+    text = log_file.read_text(errors="replace") if log_file.is_file() else output  # one source, not both
+    out: dict[str, Any] = {
+        "returncode": proc.returncode,
+        "wall_s": round(wall, 1),
+        "command": " ".join(cmd),
+        "log_source": str(log_file) if log_file.is_file() else "stdout",
+        "data": f"csv of the same {len(jposts)} JPEG files, {batch * (warmup + steps)} rows",
+    }
+    out.update(parse_open_clip_log(text, batch, warmup))
     if proc.returncode != 0:
-        out["error_tail"] = text[-2000:]
-    out.update(sampler.summary())
+        out["error_tail"] = output[-2000:]
+    summ = sampler.summary()
+    own = summ.pop(f"smi_process_peak_memory_gib[{proc.pid}]", None)
+    out.update(summ)
+    out["process_peak_memory_gib"] = own
+    if own is None:
+        out["process_peak_memory_note"] = (
+            "nvidia-smi --query-compute-apps listed no memory for its PID (a PID namespace hides it?)"
+        )
     return out
 
 
@@ -636,18 +736,26 @@ def bench_open_clip_train(batch: int, steps: int, workers: int, sampler: GpuSamp
 def table(results: dict[str, dict]) -> str:
     """Markdown table of the measurements."""
     rows = [
-        "| pipeline | pairs/s | peak GPU mem (allocated) | peak GPU mem (nvidia-smi) |",
-        "|---|---|---|---|",
+        "| pipeline | pairs/s | vs open_clip_train | GPU util (mean) | peak GPU mem, this process |",
+        "|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if not isinstance(r, dict) or "samples_per_s" not in r:
             continue
         sps = r.get("samples_per_s")
         mem = r.get("peak_memory_gib")
-        smi = r.get("smi_peak_memory_gib")
+        own = r.get("process_peak_memory_gib")
+        mem_cell = f"{mem} GiB allocated" if mem else ""
+        if own:
+            mem_cell += f"{'; ' if mem_cell else ''}{own} GiB by nvidia-smi (its PID)"
+        util = r.get("smi_mean_util_pct")
+        util_cell = f"{util}%" if util is not None else "n/a"
+        if r.get("sampler_errors"):
+            util_cell += f" ({r['sampler_errors']} failed reads)"
+        vs = r.get("vs_open_clip_train")
         rows.append(
-            f"| {name} | {sps if sps is not None else 'n/a'} | {f'{mem} GiB' if mem else 'n/a'} | "
-            f"{f'{smi} GiB' if smi else 'n/a'} |"
+            f"| {name} | {sps if sps is not None else 'n/a'} | {f'{vs}x' if vs else ''} | {util_cell} "
+            f"| {mem_cell or 'n/a'} |"
         )
     return "\n".join(rows)
 
@@ -672,7 +780,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model in (a)-(c)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--skip-open-clip", action="store_true", help="do not run open_clip_train")
-    p.add_argument("--skip-jpeg", action="store_true", help="do not run (c)")
+    p.add_argument("--skip-jpeg", action="store_true", help="do not run (c) (nor open_clip_train)")
+    p.add_argument("--skip-synthetic", action="store_true", help="do not run (b)")
+    p.add_argument(
+        "--read-every", type=int, default=10, help="host reads of the loss every N steps (both trainers)"
+    )
     p.add_argument("--variants", action="store_true", help="also fp32/fp16/grad-ckpt/compile/lock/LoRA runs")
     p.add_argument("--check-resume", action="store_true", help="also stop + resume vs uninterrupted run")
     p.add_argument("--ablation", action="store_true", help="also step_only with parts switched off")
@@ -726,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": precision,
         "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing,
+        "read_every_steps": args.read_every,
         "hardware": hardware(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -734,13 +847,17 @@ def main(argv: list[str] | None = None) -> int:
     def measure(name: str, fn: Any) -> None:
         if gpu:
             torch.cuda.empty_cache()
-        with sampler.active():
+        with sampler.active(watch={os.getpid()}):
             try:
                 r = fn()
             except Exception as exc:  # keep the other measurements
                 r = {"error": f"{type(exc).__name__}: {exc}"}
         if gpu:
-            r.update(sampler.summary())
+            summ = sampler.summary()
+            own = summ.pop(f"smi_process_peak_memory_gib[{os.getpid()}]", None)
+            r.update(summ)
+            # this process holds the caching allocator's reserve and its CUDA context: an upper bound
+            r["process_peak_memory_gib"] = own
         results[name] = r
         print(f"  {name}: {json.dumps(r)}", flush=True)
 
@@ -751,8 +868,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.ablation and (gpu or args.quick):
         results["ablation"] = bench_ablation(spec, device, batch, steps, warmup, precision)
-    posts = synthetic_posts(n_images, size=224 if gpu else 96)
-    measure(
+    posts = synthetic_posts(min(n_images, 512) if args.skip_synthetic else n_images, size=224 if gpu else 96)
+    measure_synthetic = measure if not args.skip_synthetic else (lambda name, fn: None)
+    measure_synthetic(
         "fine_tune_synthetic",
         lambda: bench_fine_tune(
             load_clip(spec, device),
@@ -765,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
             False,
             args.compile,
             args.grad_checkpointing,
+            read_every_steps=args.read_every,
         ),
     )
     if args.data_only:
@@ -800,14 +919,15 @@ def main(argv: list[str] | None = None) -> int:
                 True,
                 args.compile,
                 args.grad_checkpointing,
+                read_every_steps=args.read_every,
             ),
         )
-    if gpu and not args.skip_open_clip:
-        results["open_clip_train"] = bench_open_clip_train(batch, warmup + steps, workers, sampler)
-        print(
-            f"  open_clip_train: {json.dumps({k: v for k, v in results['open_clip_train'].items() if k != 'error_tail'})}"
-        )
-        base = results["open_clip_train"].get("samples_per_s")
+    if gpu and not args.skip_open_clip and not args.skip_jpeg:
+        torch.cuda.empty_cache()
+        oc = bench_open_clip_train(jposts, batch, warmup, steps, workers, args.read_every, sampler)
+        results["open_clip_train"] = oc
+        print(f"  open_clip_train: {json.dumps({k: v for k, v in oc.items() if k != 'error_tail'})}")
+        base = oc.get("samples_per_s")
         if base:
             for name in ("step_only", "fine_tune_synthetic", "fine_tune_jpeg"):
                 sps = results.get(name, {}).get("samples_per_s")

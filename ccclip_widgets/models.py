@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._io import (
@@ -214,6 +215,10 @@ class ClipModel:
         """Number of ``texts`` longer than the context length (they are truncated when encoded)."""
         return count_truncated(self.tokenizer, texts, self.context_length)
 
+    def tokenize_counting(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """:meth:`tokenize` and :meth:`count_truncated` of the same texts, in one pass where possible."""
+        return tokenize_counting(self.tokenizer, list(texts), self.context_length)
+
     def to(self, device: str | torch.device) -> ClipModel:
         """Move the weights to ``device`` (in place) and return ``self``."""
         self.device = torch.device(device)
@@ -260,6 +265,52 @@ def count_truncated(tokenizer: Any, texts: list[str], context_length: int) -> in
         if len(encode(t)) + 2 > context_length:  # start and end tokens
             n += 1
     return n
+
+
+def tokenize_counting(tokenizer: Any, texts: list[str], context_length: int) -> tuple[torch.Tensor, int]:
+    """Tokenize ``texts`` and count those longer than ``context_length``, encoding each text once.
+
+    For open_clip's ``SimpleTokenizer`` (without a reduction strategy) the token ids come from a single
+    ``encode`` per text, laid out exactly as ``SimpleTokenizer.__call__`` does (start token, ids, end token,
+    zero padding; a text that does not fit is cut and ends with the end token). Any other tokenizer is called
+    as usual and its truncation counted with :func:`count_truncated`.
+
+    Parameters
+    ----------
+    tokenizer
+        An open_clip tokenizer.
+    texts
+        The texts.
+    context_length
+        The model's context length.
+
+    Returns
+    -------
+    tokens : torch.Tensor
+        ``len(texts) x context_length`` int64, as ``tokenizer(texts)`` returns them.
+    n_truncated : int
+        Texts longer than the context.
+    """
+    encode = getattr(tokenizer, "encode", None)
+    simple = (
+        type(tokenizer).__name__ == "SimpleTokenizer"
+        and encode is not None
+        and getattr(tokenizer, "reduction_fn", None) is None
+        and getattr(tokenizer, "context_length", context_length) == context_length
+    )
+    if not simple:
+        return tokenizer(texts), count_truncated(tokenizer, texts, context_length)
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    out = np.zeros((len(texts), context_length), dtype=np.int64)
+    n = 0
+    for row, text in enumerate(texts):
+        ids = [sot, *encode(text), eot]
+        if len(ids) > context_length:
+            n += 1
+            ids = ids[:context_length]
+            ids[-1] = eot
+        out[row, : len(ids)] = ids
+    return torch.from_numpy(out), n
 
 
 # --------------------------------------------------------------------------------------------------- fingerprints

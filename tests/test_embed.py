@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from ccclip_testkit import make_shape_posts
 
 from ccclip_widgets.embed import embed_posts, encode_images, encode_texts
@@ -39,8 +40,8 @@ def test_second_run_is_a_cache_hit(tiny_model, shape_posts, tmp_path, monkeypatc
     def boom(*a, **k):
         raise AssertionError("the model must not run on a cache hit")
 
-    monkeypatch.setattr(E, "_forward_images", boom)
-    monkeypatch.setattr(E, "encode_texts", boom)
+    monkeypatch.setattr(E, "_image_features", boom)
+    monkeypatch.setattr(E, "_text_features", boom)
     second = embed_posts(shape_posts, tiny_model, store=tmp_path / "s", show_progress=False, num_workers=0)
     assert second.stats["images_reused"] == 24 and second.stats["images_encoded"] == 0
     assert second.stats["texts_reused"] == 24 and second.stats["texts_encoded"] == 0
@@ -182,3 +183,78 @@ def test_torchrun_two_gloo_processes_equal_one(tiny_model, tmp_path):
     np.testing.assert_allclose(a.text, b.text, atol=1e-5)
     parts = list((tmp_path / "two" / "store").rglob("images/part-*.parquet"))
     assert len(parts) >= 2, "both ranks wrote their share"
+
+
+# --------------------------------------------------------------------------------------------- overlapped pipeline
+def test_tokenize_counting_equals_tokenize_plus_count(tiny_model):
+    texts = ["a cat", "word " * 120, "", "émoji 😂 #tag @user", "x " * 75, "x " * 76]
+    tokens, n_cut = tiny_model.tokenize_counting(texts)
+    assert torch.equal(tokens, tiny_model.tokenize(texts))
+    assert n_cut == tiny_model.count_truncated(texts)
+
+
+def test_text_worker_processes_give_the_serial_vectors(tiny_model, tmp_path, monkeypatch):
+    """Texts tokenized in worker processes, interleaved with image batches: the same vectors as encode_texts."""
+    import ccclip_widgets.embed as E
+
+    recs = make_shape_posts(tmp_path / "imgs", n_per=3)  # 72 posts
+    recs = [dict(r, text=f"{r['text']} " + "long " * (90 if i % 7 == 0 else 0)) for i, r in enumerate(recs)]
+    posts = read_posts(pl.DataFrame(recs), image_root=tmp_path / "imgs")
+    monkeypatch.setattr(E, "default_text_workers", lambda *a, **k: 2)
+    emb = embed_posts(
+        posts,
+        tiny_model,
+        store=tmp_path / "s",
+        show_progress=False,
+        num_workers=1,
+        batch_size=16,
+        text_batch_size=8,
+    )
+    texts = posts.table["text"].to_list()
+    np.testing.assert_allclose(emb.text, encode_texts(tiny_model, texts), atol=1e-6)
+    np.testing.assert_allclose(
+        emb.image, encode_images(tiny_model, posts.table["image_path"].to_list()), atol=1e-5
+    )
+    assert emb.stats["texts_truncated"] == tiny_model.count_truncated(sorted(set(texts)))
+
+
+def test_each_unique_text_is_tokenized_once_and_stored_ones_are_only_counted(
+    tiny_model, tmp_path, monkeypatch
+):
+    import ccclip_widgets.models as M
+
+    recs = make_shape_posts(tmp_path / "imgs")[:6]
+    long = "very " * 100
+    dup = [dict(r, post_id=r["post_id"] + "-b") for r in recs]  # same texts again
+    posts = read_posts(
+        pl.DataFrame(recs + dup + [dict(recs[0], post_id="L1", text=long)]), image_root=tmp_path / "imgs"
+    )
+    seen: list[str] = []
+    original = M.tokenize_counting
+
+    def spy(tokenizer, texts, context_length):
+        seen.extend(texts)
+        return original(tokenizer, texts, context_length)
+
+    monkeypatch.setattr(M, "tokenize_counting", spy)
+    first = embed_posts(posts, tiny_model, store=tmp_path / "s", show_progress=False, num_workers=0)
+    assert sorted(seen) == sorted({r["text"] for r in recs} | {long})
+    assert first.stats["texts_encoded"] == 7 and first.stats["texts_truncated"] == 1
+    seen.clear()
+    again = embed_posts(posts, tiny_model, store=tmp_path / "s", show_progress=False, num_workers=0)
+    assert seen == [] and again.stats["texts_truncated"] == 1  # counted, not tokenized for vectors
+
+
+def test_worker_sizing_follows_the_decoder_and_the_cores():
+    from ccclip_widgets.embed import default_num_workers, default_text_workers
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_num_workers(cuda, 8192, device_decode=True, cores=16) == 2  # measured best for nvJPEG
+    assert default_num_workers(cuda, 8192, device_decode=True, cores=2) == 1
+    assert default_num_workers(cuda, 8192, cores=16) == 15  # PIL decoding wants every core
+    assert default_num_workers(cpu, 8192, cores=2) == 1
+    assert default_num_workers(cuda, 10, device_decode=True, cores=16) == 0
+    assert default_text_workers(cuda, 32768, 2, cores=16) == 4
+    assert default_text_workers(cuda, 32768, 15, cores=16) == 1
+    assert default_text_workers(cuda, 100, 2, cores=16) == 0
+    assert default_text_workers(cpu, 32768, 1, cores=2) == 0

@@ -415,3 +415,81 @@ def test_empty_eval_posts_and_early_stopping_without_them_warn(tiny_model, shape
     with pytest.warns(UserWarning, match="no usable post"):
         result = fine_tune(tiny_model, shape_posts, _cfg(max_steps=1, batch_size=8), eval_posts=empty)
     assert result.eval_history == [] and result.final_metrics == {}
+
+
+# ------------------------------------------------------------------------------------------------ deferred host reads
+def _fused_adamw(monkeypatch):
+    """Make the trainer build fused AdamW on the CPU too: the path a GPU takes (non-finite steps skipped on device)."""
+    from ccclip_widgets.train import loop
+
+    real = loop._Trainer._optimizer
+
+    def fused(self, lr):
+        opt = real(self, lr)
+        d = opt.defaults
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=True)
+
+    monkeypatch.setattr(loop._Trainer, "_optimizer", fused)
+
+
+def _poison_loss_call(monkeypatch, at: int) -> dict:
+    from ccclip_widgets.train import loss as loss_module
+
+    real = loss_module.ClipLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        out = real(self, *args, **kwargs)
+        return out * float("nan") if calls["n"] == at else out
+
+    monkeypatch.setattr(loss_module.ClipLoss, "forward", poisoned)
+    return calls
+
+
+def test_reading_every_n_steps_gives_the_per_step_run(tiny_arch, shape_posts, monkeypatch):
+    _fused_adamw(monkeypatch)
+    calls = _poison_loss_call(monkeypatch, at=5)
+    runs = {}
+    seen: dict[int, list[int]] = {}
+    for every in (1, 4):
+        calls["n"] = 0
+        clip = _fresh(tiny_arch)
+        seen[every] = []
+        cfg = _cfg(max_steps=9, batch_size=8, max_nan_tolerance=1, read_every_steps=every)
+        with pytest.warns(RuntimeWarning, match="step 5; step skipped"):
+            result = fine_tune(clip, shape_posts, cfg, on_step=lambda i, e=every: seen[e].append(i.step))
+        runs[every] = (result, _state(clip))
+    (a, wa), (b, wb) = runs[1], runs[4]
+    assert seen[1] == seen[4] == list(range(1, 10))  # every step reported once, in order (in bursts of 4)
+    assert [h["skipped"] for h in b.history] == [s == 5 for s in range(1, 10)]
+    assert [h["loss"] for h in a.history][:4] == [h["loss"] for h in b.history][:4]
+    for k in wa:
+        assert torch.isfinite(wb[k]).all(), k  # the poisoned step never reached the weights
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+def test_divergence_found_at_a_later_read_names_the_bad_step(tiny_arch, shape_posts, monkeypatch, tmp_path):
+    _fused_adamw(monkeypatch)
+    _poison_loss_call(monkeypatch, at=5)
+    clip = _fresh(tiny_arch)
+    cfg = _cfg(max_steps=12, batch_size=8, read_every_steps=4, checkpoint_every_steps=4)
+    with pytest.raises(TrainingDivergedError, match="step 5") as info:
+        fine_tune(clip, shape_posts, cfg, out_dir=tmp_path)
+    assert info.value.step == 5 and info.value.last_good_checkpoint == tmp_path / "checkpoint-0000004"
+    assert all(torch.isfinite(v).all() for v in clip.model.state_dict().values())
+
+
+def test_uint8_pixels_normalised_on_the_device_equal_worker_normalised_ones(shape_posts, tiny_model):
+    from ccclip_widgets.train.data import PairDataset, prepare_posts
+
+    data = prepare_posts(shape_posts, tiny_model)
+    args = (data.sources, tiny_model.image_size, tiny_model.preprocess, tiny_model.preprocess_cfg)
+    floats = PairDataset(*args, augment=True, seed=3)
+    raw = PairDataset(*args, augment=True, seed=3, normalize=False)
+    x = raw[(2, 1)][1]
+    assert x.dtype == torch.uint8
+    got = raw.device_normaliser(torch.device("cpu"))(torch.stack([x]))[0]
+    torch.testing.assert_close(got, floats[(2, 1)][1], rtol=0, atol=1e-6)
+    assert PairDataset(*args, augment=False, seed=3, normalize=False)[(2, 1)][1].dtype == torch.float32

@@ -379,12 +379,69 @@ def test_benchmark_parses_open_clip_train_logs():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     line = (
-        "2026-11-25,12:00:00 | INFO | Train Epoch: 0 [ 10240/102400 (10%)] Data (t): 0.004 Batch (t): 0.076, "
-        "{rate}/s, {rate}/s/gpu LR: 0.000010 Logit Scale: 14.286 Contrastive_loss: 5.5 (5.5) Loss: 5.5 (5.5)"
+        "2026-11-25,12:00:00 | INFO | Train Epoch: 0 [{n:>6}/12800 ({pct}%)] Data (t): {d} Batch (t): {b}, "
+        "3000.00/s, 3000.00/s/gpu LR: 0.000010 Logit Scale: 14.286 Contrastive_loss: 5.5 (5.5) Loss: 5.5 (5.5)"
     )
-    log = "\n".join(line.format(rate=r) for r in ("100.0", "200.0", "3300.0", "3400.0", "3350.0"))
-    parsed = bench.parse_open_clip_rates(log)
-    assert parsed["n_log_lines"] == 5 and parsed["median_logged_samples_per_s"] == 3350.0
-    cmd = bench.open_clip_train_command(Path("/tmp/logs"), batch=256, steps=40, workers=12)
-    assert cmd[1:3] == ["-m", "open_clip_train.main"] and "synthetic" in cmd and "amp_bf16" in cmd
-    assert cmd[cmd.index("--train-num-samples") + 1] == str(256 * 40)
+    # lines at steps 1, 11, 21, 31, 41, 50 (samples seen = step * 256); each: mean step time since the last line
+    steps_times = [
+        (1, 0.0, 2.0),
+        (11, 0.05, 0.5),
+        (21, 0.01, 0.1),
+        (31, 0.01, 0.1),
+        (41, 0.01, 0.1),
+        (50, 0.01, 0.1),
+    ]
+    log = "\n".join(line.format(n=st * 256, pct=2 * st, d=d, b=b) for st, d, b in steps_times)
+    parsed = bench.parse_open_clip_log(log + "\n" + "noise line\n", batch=256, after_step=10)
+    assert parsed["n_log_lines"] == 6 and parsed["window_steps"] == (12, 50)
+    assert parsed["samples_per_s"] == 2560.0 and parsed["data_wait_share"] == 0.1
+    # the same text twice (stdout + log file) must not be passed in: it would double the lines
+    assert bench.parse_open_clip_log(log + "\n" + log, 256, 10)["n_log_lines"] == 12
+    cmd = bench.open_clip_train_command(
+        Path("/tmp/logs"), Path("/tmp/t.csv"), batch=256, workers=12, log_every=10
+    )
+    assert cmd[1:3] == ["-m", "open_clip_train.main"] and "amp_bf16" in cmd
+    assert (
+        cmd[cmd.index("--dataset-type") + 1] == "csv" and cmd[cmd.index("--train-data") + 1] == "/tmp/t.csv"
+    )
+    assert cmd[cmd.index("--log-every-n-steps") + 1] == "10"
+
+
+def test_benchmark_csv_lists_the_same_files(tmp_path, shape_posts):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    csv = bench.write_open_clip_csv(shape_posts, 30, tmp_path / "t.csv")
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "filepath\ttitle" and len(rows) == 31
+    files = shape_posts.table["image_path"].to_list()
+    assert [r.split("\t")[0] for r in rows[1:]] == [files[i % len(files)] for i in range(30)]
+
+
+def test_gpu_sampler_reports_its_failures(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    smp = bench.GpuSampler()
+    answers = iter(["garbage", "37, 80"])
+
+    def query(args):
+        if "--query-compute-apps=pid,used_memory" in args:
+            return "123, 2048\n456, 999"
+        return next(answers)
+
+    monkeypatch.setattr(smp, "_query", query)
+    smp.watch = {123}
+    smp._poll_once()
+    smp._poll_once()
+    out = smp.summary()
+    assert out["sampler_errors"] == 1 and "ValueError" in out["sampler_last_error"]
+    assert out["smi_samples"] == 1 and out["smi_process_peak_memory_gib[123]"] == 2.0

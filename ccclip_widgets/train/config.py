@@ -134,6 +134,12 @@ class FineTuneConfig:
         Memory and speed switches (``channels_last=None``: on for CUDA).
     max_nan_tolerance, show_progress
         Non-finite losses skipped before training stops with :class:`~.loop.TrainingDivergedError`; tqdm bar.
+    read_every_steps
+        How often the loss, temperature and gradient norm are read back to the host (``None``: every 10 steps
+        on a GPU, every step elsewhere). On a GPU with fused AdamW a step whose loss or gradient norm is not
+        finite is skipped on the device, so the host need not wait for each step; ``on_step`` callbacks then
+        arrive in bursts of N and ``samples_per_s`` is the mean over the burst. Evaluations, checkpoints and
+        the last step always read first.
 
     Notes
     -----
@@ -217,6 +223,12 @@ class FineTuneConfig:
     channels_last: bool | None = field(default=None, metadata=_help("channels-last images (default: on GPU)"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model"))
     max_nan_tolerance: int = field(default=0, metadata=_help("non-finite losses skipped before giving up"))
+    read_every_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            "read loss and temperature back to the host every N steps (default: 10 on GPU, 1 on CPU)"
+        ),
+    )
     show_progress: bool = field(default=True, metadata=_help("progress bar"))
 
     def __post_init__(self) -> None:
@@ -252,6 +264,7 @@ class FineTuneConfig:
         positive_int("keep_checkpoints")
         positive_int("early_stopping_patience")
         positive_int("max_nan_tolerance", allow_zero=True)
+        positive_int("read_every_steps", allow_none=True)
         if self.batch_size < 2:
             p.append(
                 f"batch_size must be at least 2 (a contrastive batch needs negatives), got {self.batch_size}"

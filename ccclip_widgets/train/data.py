@@ -199,6 +199,10 @@ class PairDataset(Dataset):
         ``(seed, epoch, row)``.
     seed
         Run seed.
+    normalize
+        Return normalised float pixels. ``False``: augmented images come as ``uint8`` (``3 x S x S``, a quarter
+        of the bytes to pass between processes, pin and copy) and the caller normalises them on its device with
+        :meth:`device_normaliser`; the evaluation transform (``augment=False``) always returns floats.
     """
 
     def __init__(
@@ -210,6 +214,7 @@ class PairDataset(Dataset):
         *,
         augment: bool,
         seed: int,
+        normalize: bool = True,
     ) -> None:
         self.sources = sources
         self.image_size = image_size
@@ -219,9 +224,24 @@ class PairDataset(Dataset):
         self.std = torch.tensor(std).view(3, 1, 1)
         self.augment = augment
         self.seed = seed
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.sources)
+
+    @property
+    def _uint8(self) -> bool:
+        return self.augment and not self.normalize
+
+    def device_normaliser(self, device: torch.device) -> Any:
+        """``uint8 -> float32`` normalisation on ``device``, the same arithmetic the workers do otherwise."""
+        mean = self.mean.to(device)
+        std = self.std.to(device)
+
+        def normalise(pixels: torch.Tensor) -> torch.Tensor:
+            return (pixels.float().div_(255.0) - mean) / std
+
+        return normalise
 
     def _augmented(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         w, h = img.size
@@ -244,7 +264,10 @@ class PairDataset(Dataset):
         out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        arr = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+        if self._uint8:
+            return arr.contiguous()
+        arr = arr.float().div_(255.0)
         return (arr - self.mean) / self.std
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor, bool, str]:
@@ -261,7 +284,8 @@ class PairDataset(Dataset):
             reason = f"{exc.reason}: {exc.detail}"
         except Exception as exc:  # one bad image must not end a run
             reason = f"corrupt: {type(exc).__name__}: {exc}"
-        return index, torch.zeros(3, self.image_size, self.image_size), False, reason
+        dtype = torch.uint8 if self._uint8 else torch.float32
+        return index, torch.zeros(3, self.image_size, self.image_size, dtype=dtype), False, reason
 
 
 def collate_pairs(

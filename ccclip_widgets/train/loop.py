@@ -804,7 +804,10 @@ class _Trainer:
             clip.preprocess_cfg,
             augment=cfg.augment,
             seed=cfg.seed,
+            # next to a GPU the workers hand over uint8 pixels (a quarter of the bytes to move, pin and copy)
+            normalize=device.type != "cuda",
         )
+        normalise = dataset.device_normaliser(device)
         loss_fn = ClipLoss(rank=dist.rank, world_size=dist.world_size)
         wrapper: nn.Module = _DualEncoder(clip.model)
         # both towers frozen, no augmentation: encode each image and text once, then train only the heads
@@ -863,6 +866,66 @@ class _Trainer:
             total=total, initial=step, desc="fine-tune", unit="step", disable=not show, dynamic_ncols=True
         )
         stopped = "finished"
+        # Steps whose numbers the host has not read yet: (step, epoch, lr, readings, samples, start time).
+        # With fused AdamW and no gradient scaler a non-finite step is skipped on the device, so the host reads
+        # the numbers only every ``read_every`` steps (and before evaluations, checkpoints and the end).
+        pending: list[tuple[int, int, float, Any, int, float]] = []
+        deferred = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled()
+        read_every = (cfg.read_every_steps or 10) if deferred else 1
+
+        def settle() -> None:
+            if not pending:
+                return
+            if deferred:  # the one host-device sync of a burst of steps
+                rows = torch.stack([p[3] for p in pending]).tolist()
+            else:
+                rows = [p[3] for p in pending]
+            now = time.perf_counter()
+            window_s = now - pending[0][5]
+            window_samples = sum(p[4] for p in pending)
+            rate = window_samples / window_s if window_s > 0 else float("nan")
+            entries = list(pending)
+            pending.clear()
+            for (at, ep, lr_used, _, _, _), values in zip(entries, rows, strict=True):
+                loss_sum, scale_now = values[0], values[1]
+                grad_norm = values[2] if len(values) > 2 else None
+                bad_loss = None if math.isfinite(loss_sum) else loss_sum
+                if bad_loss is None and grad_norm is not None and not math.isfinite(grad_norm):
+                    if self.precision != "fp16":  # fp16 overflow is the scaler's business (it skips)
+                        bad_loss = grad_norm
+                if bad_loss is not None:
+                    self.nan_count += 1
+                    if self.nan_count > cfg.max_nan_tolerance:
+                        found = ckpt.list_checkpoints(self.out) if self.out is not None else []
+                        last = found[-1] if found else None
+                        if self.out is not None and dist.is_main:
+                            self._write_run_file("diverged", at, last)
+                        raise TrainingDivergedError(at, bad_loss, last, self.nan_count)
+                    warnings.warn(
+                        f"Non-finite loss ({bad_loss}) at step {at}; step skipped "
+                        f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
+                        NonFiniteLossWarning,
+                        stacklevel=3,
+                    )
+                info = StepInfo(
+                    step=at,
+                    total_steps=total,
+                    epoch=ep,
+                    loss=loss_sum if bad_loss is None else float("nan"),
+                    lr=lr_used,
+                    logit_scale=scale_now,
+                    samples_per_s=rate,
+                    grad_norm=grad_norm,
+                    skipped=bad_loss is not None,
+                    elapsed_s=elapsed_before + now - t_start,
+                )
+                self.history.append(dataclasses.asdict(info))
+                pbar.update(1)
+                if show:
+                    pbar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+                if dist.is_main and self.on_step is not None:
+                    self.on_step(info)
+
         try:
             if eval_data is not None and cfg.eval_at_start and step == 0 and not self.eval_history:
                 self._evaluate(eval_data, step, epoch)
@@ -902,6 +965,8 @@ class _Trainer:
                         pixels = pixels.to(device, non_blocking=True)
                         if self.channels_last and pixels.ndim == 4:
                             pixels = pixels.contiguous(memory_format=torch.channels_last)
+                        if pixels.dtype == torch.uint8:  # augmented images travel as bytes: normalise here
+                            pixels = normalise(pixels)
                         tokens = tokens.to(device, non_blocking=True)
                         sync = contextlib.nullcontext()
                         if dist.enabled and micro < group - 1:
@@ -929,77 +994,59 @@ class _Trainer:
                     if cfg.grad_clip is not None:
                         scaler.unscale_(optimizer)
                         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    # the one host-device sync of a step: the loss (and gradient norm), before the update
-                    # the one host-device sync of a step: loss, temperature (and gradient norm), before the update
+                    # loss, temperature (and gradient norm) before the update, as one device tensor
                     readings = [mean_across_ranks(loss_acc), clip.model.logit_scale.detach().float().exp()]
                     if norm is not None:
                         readings.append(norm.detach().float())
-                    values = torch.stack([r.reshape(()).to(device) for r in readings]).tolist()
-                    loss_sum, scale_now = values[0], values[1]
-                    grad_norm = values[2] if norm is not None else None
-                    bad_loss = None if math.isfinite(loss_sum) else loss_sum
-                    if bad_loss is None and grad_norm is not None and not math.isfinite(grad_norm):
-                        if self.precision != "fp16":  # fp16 overflow is the scaler's business (it skips)
-                            bad_loss = grad_norm
-                    if bad_loss is None:
-                        for g in optimizer.param_groups:
-                            g["lr"] = step_lr
-                        scaler.step(optimizer)
-                        scaler.update()
-                        if getattr(clip.model, "logit_scale", None) is not None:
-                            with torch.no_grad():
-                                clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+                    reading = torch.stack([r.reshape(()).float().to(device) for r in readings])
+                    for g in optimizer.param_groups:
+                        g["lr"] = step_lr
+                    if deferred:
+                        # fused AdamW skips the whole update on the device when found_inf is 1 (a non-finite
+                        # loss or gradient norm), so the host need not wait for this step's numbers
+                        optimizer.found_inf = (~torch.isfinite(reading[0::2]).all()).float()
+                        optimizer.step()
+                        values: Any = reading
+                    else:
+                        # the one host-device sync of a step: the numbers decide whether to update
+                        values = reading.tolist()
+                        bad = not math.isfinite(values[0])
+                        if not bad and norm is not None and not math.isfinite(values[2]):
+                            # fp16 overflow is the scaler's business (it skips the update itself)
+                            bad = self.precision != "fp16"
+                        if not bad:
+                            scaler.step(optimizer)
+                            scaler.update()
+                    if getattr(clip.model, "logit_scale", None) is not None:
+                        with torch.no_grad():  # a skipped update left it in range already
+                            clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    if bad_loss is not None:
-                        self.nan_count += 1
-                        if self.nan_count > cfg.max_nan_tolerance:
-                            found = ckpt.list_checkpoints(self.out) if self.out is not None else []
-                            last = found[-1] if found else None
-                            if self.out is not None and dist.is_main:
-                                self._write_run_file("diverged", step, last)
-                            raise TrainingDivergedError(step, bad_loss, last, self.nan_count)
-                        warnings.warn(
-                            f"Non-finite loss ({bad_loss}) at step {step}; step skipped "
-                            f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
-                            NonFiniteLossWarning,
-                            stacklevel=2,
-                        )
-                    dt = time.perf_counter() - t0
-                    info = StepInfo(
-                        step=step,
-                        total_steps=total,
-                        epoch=epoch,
-                        loss=loss_sum if bad_loss is None else float("nan"),
-                        lr=step_lr,
-                        logit_scale=scale_now,
-                        samples_per_s=batch * group / dt if dt > 0 else float("nan"),
-                        grad_norm=grad_norm,
-                        skipped=bad_loss is not None,
-                        elapsed_s=elapsed_before + time.perf_counter() - t_start,
-                    )
-                    self.history.append(dataclasses.asdict(info))
-                    pbar.update(1)
-                    if show:
-                        pbar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
-                    user_stop = False
-                    if dist.is_main and self.on_step is not None:
-                        self.on_step(info)
-                    if self.stop_event is not None and self.stop_event.is_set():
-                        user_stop = True
-                    user_stop = broadcast_flag(user_stop, device)
-
+                    pending.append((step, epoch, step_lr, values, batch * group, t0))
                     epoch_end = batch_in_epoch >= n_batches
                     every = cfg.eval_every_steps
                     want_eval = eval_data is not None and (
                         (every > 0 and step % every == 0) or (every == 0 and epoch_end) or step == total
                     )
+                    periodic = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
+                    stop_asked = self.stop_event is not None and self.stop_event.is_set()
+                    if (
+                        step % read_every == 0
+                        or step == total
+                        or want_eval
+                        or (periodic and self.out is not None)
+                        or stop_asked
+                    ):
+                        settle()
+                    user_stop = self.stop_event is not None and self.stop_event.is_set()
+                    user_stop = broadcast_flag(user_stop, device)
+                    if user_stop and pending:
+                        settle()
                     early = False
                     if want_eval:
                         early = self._evaluate(eval_data, step, epoch)  # type: ignore[arg-type]
                     early = broadcast_flag(early, device)
 
-                    periodic = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
                     if self.out is not None and (periodic or user_stop or early or step == total):
                         self._checkpoint(
                             optimizer, scaler, step, epoch, batch_in_epoch, samples_before + samples, t_start
