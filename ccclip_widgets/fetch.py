@@ -70,6 +70,7 @@ __all__ = [
     "OFFLINE_ENV",
     "CacheEntry",
     "DownloadCache",
+    "FetchConfig",
     "FetchResult",
     "Fetcher",
     "fetch_images",
@@ -164,6 +165,43 @@ def sniff_image_format(head: bytes) -> str | None:
     if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
         return "BMP"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """How to download image URLs: the :class:`Fetcher` arguments as one value (``read_posts(fetcher=...)``).
+
+    Every field is a :class:`Fetcher` argument (see there); ``max_bytes=None`` means "the caller's image size
+    cap" (``read_posts``' ``max_bytes``, else :data:`DEFAULT_MAX_DOWNLOAD_BYTES`).
+
+    Examples
+    --------
+    >>> read_posts("posts.csv", fetcher=FetchConfig(network=False))  # doctest: +SKIP
+    >>> read_posts("posts.csv", fetcher=FetchConfig(workers=4, timeout=(5, 20), retries=1))  # doctest: +SKIP
+    """
+
+    cache: Any = None  # DownloadCache, a folder, or None (the toolkit cache's downloads/)
+    network: bool | None = None
+    workers: int = DEFAULT_WORKERS
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT
+    total_timeout: float = DEFAULT_TOTAL_TIMEOUT
+    retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_bytes: int | None = None
+    max_redirects: int = DEFAULT_MAX_REDIRECTS
+    user_agent: str | None = None
+    verify_cache: bool = True
+    trust_env: bool = True
+    host_failure_limit: int | None = 8
+    ca_certs: str | os.PathLike[str] | None = None
+
+    def fetcher(self, *, max_bytes: int | None = None) -> Fetcher:
+        """A new :class:`Fetcher` with these settings (``max_bytes`` fills in an unset size cap)."""
+        options = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        cap = self.max_bytes if self.max_bytes is not None else max_bytes
+        options["max_bytes"] = cap if cap is not None else DEFAULT_MAX_DOWNLOAD_BYTES
+        return Fetcher(**options)
 
 
 # ==============================================================================================================
@@ -566,7 +604,8 @@ class _ConnectionPool:
     def _ssl_context(self) -> ssl.SSLContext:
         with self._lock:
             if self._ssl is None:
-                self._ssl = ssl.create_default_context()
+                cafile = getattr(self, "ca_certs", None)
+                self._ssl = ssl.create_default_context(cafile=os.fspath(cafile) if cafile else None)
             return self._ssl
 
     def acquire(
@@ -831,6 +870,7 @@ class Fetcher:
         verify_cache: bool = True,
         trust_env: bool = True,
         host_failure_limit: int | None = 8,
+        ca_certs: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(timeout, (int, float)):
             connect_timeout = read_timeout = float(timeout)
@@ -866,6 +906,7 @@ class Fetcher:
         self.verify_cache = verify_cache
         self.host_failure_limit = host_failure_limit
         self._pool = _ConnectionPool(connect_timeout, read_timeout, trust_env)
+        self._pool.ca_certs = ca_certs
         self._sleep: Callable[[float], None] = time.sleep  # replaced in tests to record back-off waits
         self._host_failures: dict[tuple[str, str, int], int] = {}
         self._lock = threading.Lock()

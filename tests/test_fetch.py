@@ -29,6 +29,7 @@ from PIL import Image
 from ccclip_widgets.fetch import (
     FETCH_REASONS,
     DownloadCache,
+    FetchConfig,
     Fetcher,
     FetchResult,
     fetch_images,
@@ -765,6 +766,18 @@ def test_read_posts_offline_makes_zero_requests(
         assert counts["network_disabled"] == n_http
         assert counts["unsupported_url_scheme"] == 2  # ftp:// and data: are refused before the network
         assert p.table["image"].to_list() == ["imgs/local.jpg"]
+
+
+def test_read_posts_takes_its_download_settings_as_one_fetch_config(server: Server, tmp_path: Path) -> None:
+    frame = pl.DataFrame({"post_id": ["1"], "image": [server.url("/good/cfg.jpg")], "text": ["t"]})
+    offline = read_posts(frame, None, FetchConfig(cache=tmp_path / "dl", network=False), show_progress=False)
+    assert offline.reject_counts() == {"network_disabled": 1} and server.state.total == 0
+    online = read_posts(frame, fetcher=FetchConfig(cache=tmp_path / "dl", timeout=5.0), show_progress=False)
+    assert len(online) == 1 and server.state.total == 1
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        read_posts(frame, download_kache=tmp_path)
+    with Fetcher(cache=tmp_path / "dl") as f, pytest.raises(TypeError, match="not beside it"):
+        read_posts(frame, fetcher=f, retries=0)
 
 
 def test_read_posts_accepts_a_configured_fetcher(server: Server, tmp_path: Path) -> None:
