@@ -458,6 +458,27 @@ def test_two_fetchers_share_one_cache_concurrently(server: Server, tmp_path: Pat
     assert all(r.from_cache for r in third.values())
 
 
+def test_a_url_downloading_elsewhere_is_waited_for_then_reused(server: Server, tmp_path: Path) -> None:
+    """The cache's inter-process lock: lock, look again, reuse what the other downloader stored."""
+    url = server.url("/good/shared.jpg")
+    cache = DownloadCache(tmp_path)
+    out: dict[str, FetchResult] = {}
+    with cache.url_lock(url) as held:  # this thread plays the other process that is downloading url
+        assert held
+        waiter = threading.Thread(
+            target=lambda: out.update(fetch_images([url], cache=tmp_path, show_progress=False))
+        )
+        waiter.start()
+        time.sleep(0.3)
+        assert server.state.total == 0 and not out  # it waits instead of downloading too
+        with Fetcher(cache=cache) as f:  # the lock is re-entrant in the thread holding it
+            first = f.fetch(url)
+    waiter.join(10)
+    assert first.ok and not first.from_cache
+    assert out[url].ok and out[url].from_cache and out[url].key == first.key
+    assert server.state.total == 1
+
+
 # ==============================================================================================================
 # Fetcher: bad answers become reasons, never exceptions
 
