@@ -122,3 +122,11 @@ def test_demo_is_a_registered_named_spec() -> None:
     load_model("ccclip-test-named", "cpu", precision="fp32")
     assert calls and calls[0][1] == "fp32"
     assert model_spec_loader("no-such-name") is None
+
+
+def test_every_package_is_listed_for_the_wheel() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"]
+    on_disk = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert on_disk <= set(config["packages"]), sorted(on_disk - set(config["packages"]))
+    assert config["package-dir"]["ccclip_widgets.data"] == "data"
