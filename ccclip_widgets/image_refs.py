@@ -1,7 +1,7 @@
 """Image references in a posts table: local paths, ``file://`` URLs, bytes and ``http(s)`` URLs.
 
 :func:`resolve_images` turns each value of the image column into an :class:`ImageRef` (the reference as given,
-the file to decode, the bytes, a content key) or a :class:`RowReject` with a reason and a detail. Paths are
+the file to decode, the bytes, a content key) or a :class:`_RowReject` with a reason and a detail. Paths are
 checked against ``image_root`` (``..``, absolute paths and symlinks that lead out are refused), files are
 checked to be images (header or full decode, cached by content key), and ``http(s)`` URLs are downloaded once
 per table by a :class:`~ccclip_widgets.fetch.Fetcher` before the per-row checks.
@@ -38,7 +38,7 @@ _DOWNLOADED = ("http", "https")
 # Image references
 
 
-class RowReject(Exception):
+class _RowReject(Exception):
     """Internal: one image reference failed (carried out of worker threads as a value, not raised across)."""
 
     def __init__(self, reason: str, detail: str, path: str | None = None) -> None:
@@ -104,7 +104,7 @@ def _resolve_remote_image(url: str, scheme: str, original: str, ctx: ImageContex
     is embedded once).
     """
     if scheme not in _DOWNLOADED:
-        raise RowReject(
+        raise _RowReject(
             "unsupported_url_scheme",
             f"{url!r} is a {scheme}:// URL; only http and https URLs are downloaded: fetch it yourself and put "
             "a local path (relative to image_root) or the image bytes in the image column",
@@ -115,14 +115,14 @@ def _resolve_remote_image(url: str, scheme: str, original: str, ctx: ImageContex
             ctx.fetcher = Fetcher()
         result = ctx.downloads[url] = ctx.fetcher.fetch(url)
     if not result.ok:
-        raise RowReject(result.reason or "connection_error", result.detail)
+        raise _RowReject(result.reason or "connection_error", result.detail)
     assert result.path is not None and result.key is not None
     if ctx.check == "none" and result.size > ctx.max_bytes:
-        raise RowReject("too_large_image", f"{url}: {result.size} bytes exceeds max_bytes={ctx.max_bytes}")
+        raise _RowReject("too_large_image", f"{url}: {result.size} bytes exceeds max_bytes={ctx.max_bytes}")
     try:
         _check_decodable(str(result.path), result.key, ctx)
-    except RowReject as reject:
-        raise RowReject(
+    except _RowReject as reject:
+        raise _RowReject(
             reject.reason,
             f"{url} (downloaded to {result.path}): {reject.detail}; the server sent a bad image",
         ) from None
@@ -141,7 +141,7 @@ def remote_url(value: Any) -> str | None:
 
 
 def _check_decodable(source: str | bytes, key: str, ctx: ImageContext) -> None:
-    """Run the header/full check (cached by content key); raise RowReject on failure."""
+    """Run the header/full check (cached by content key); raise _RowReject on failure."""
     if ctx.check == "none":
         return
     cache_key = (key, ctx.check, ctx.max_pixels, ctx.max_bytes)
@@ -162,15 +162,15 @@ def _check_decodable(source: str | bytes, key: str, ctx: ImageContext) -> None:
             _CHECK_CACHE.clear()
         _CHECK_CACHE[cache_key] = failure
     if failure is not None:
-        raise RowReject(*failure)
+        raise _RowReject(*failure)
 
 
 def _resolve_bytes(value: bytes | bytearray | memoryview, ctx: ImageContext) -> ImageRef:
     data = bytes(value)
     if not data:
-        raise RowReject("empty_image", "the image bytes are empty")
+        raise _RowReject("empty_image", "the image bytes are empty")
     if ctx.check == "none" and len(data) > ctx.max_bytes:
-        raise RowReject("too_large_image", f"{len(data)} bytes exceeds max_bytes={ctx.max_bytes}")
+        raise _RowReject("too_large_image", f"{len(data)} bytes exceeds max_bytes={ctx.max_bytes}")
     key = content_key(data)
     _check_decodable(data, key, ctx)
     return ImageRef(image=f"<bytes:{len(data)}>", path=None, data=data, key=key)
@@ -204,7 +204,7 @@ def _resolve_path(ref: str, original: str, ctx: ImageContext) -> ImageRef:
     check_root = root is not None and root_real is not None and not ctx.allow_outside
     if check_root and not (_within(lexical, root) or _within(lexical, root_real)):  # type: ignore[arg-type]
         how = "is an absolute path" if is_absolute else "climbs out with '..'"
-        raise RowReject(
+        raise _RowReject(
             "outside_image_root",
             f"{original!r} {how} outside image_root {root}; move the image under image_root or pass "
             "allow_outside_root=True if you trust the table",
@@ -218,7 +218,7 @@ def _resolve_path(ref: str, original: str, ctx: ImageContext) -> ImageRef:
     real_folder = _real_dir(folder, ctx)
     joined = real_folder + name if real_folder.endswith(os.sep) else real_folder + os.sep + name
     if check_root and not _within(joined, root_real):  # type: ignore[arg-type]
-        raise RowReject(
+        raise _RowReject(
             "outside_image_root",
             f"{original!r} goes through a symlinked folder to {joined}, outside image_root {root_real}",
         )
@@ -228,51 +228,51 @@ def _resolve_path(ref: str, original: str, ctx: ImageContext) -> ImageRef:
         if stat.S_ISLNK(info.st_mode):
             real = os.path.realpath(joined)
             if check_root and not _within(real, root_real):  # type: ignore[arg-type]
-                raise RowReject(
+                raise _RowReject(
                     "outside_image_root",
                     f"{original!r} is a symlink to {real}, outside image_root {root_real}",
                 )
             info = os.stat(real)
     except (FileNotFoundError, NotADirectoryError):
-        raise RowReject("missing_image", f"file not found: {real} (image {original!r})") from None
+        raise _RowReject("missing_image", f"file not found: {real} (image {original!r})") from None
     except PermissionError as exc:
-        raise RowReject("unreadable_image", f"cannot access {real}: {exc.strerror}") from None
+        raise _RowReject("unreadable_image", f"cannot access {real}: {exc.strerror}") from None
     except OSError as exc:  # symlink loops, names too long, ...
-        raise RowReject("missing_image", f"cannot access {real}: {exc.strerror or exc}") from None
+        raise _RowReject("missing_image", f"cannot access {real}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise RowReject("missing_image", f"{real} is not a regular file (a folder?)")
+        raise _RowReject("missing_image", f"{real} is not a regular file (a folder?)")
     try:
         identity = f"{real}\0{info.st_size}\0{info.st_mtime_ns}".encode()
     except UnicodeEncodeError:
-        raise RowReject("bad_image_reference", f"the path {real!r} is not valid UTF-8") from None
+        raise _RowReject("bad_image_reference", f"the path {real!r} is not valid UTF-8") from None
     if info.st_size == 0:
-        raise RowReject("empty_image", f"{real} is an empty (zero-byte) file")
+        raise _RowReject("empty_image", f"{real} is an empty (zero-byte) file")
     if ctx.check == "none" and info.st_size > ctx.max_bytes:
-        raise RowReject("too_large_image", f"{real}: {info.st_size} bytes exceeds max_bytes={ctx.max_bytes}")
+        raise _RowReject("too_large_image", f"{real}: {info.st_size} bytes exceeds max_bytes={ctx.max_bytes}")
     key = content_key(identity)
     _check_decodable(real, key, ctx)
     return ImageRef(image=original, path=real, data=None, key=key)
 
 
-def _resolve_image(value: Any, ctx: ImageContext) -> ImageRef | RowReject:
+def _resolve_image(value: Any, ctx: ImageContext) -> ImageRef | _RowReject:
     """Resolve one image value; failures are returned (not raised) so worker threads never raise."""
     try:
         if is_missing(value):
-            raise RowReject("missing_image", "no image reference (null)")
+            raise _RowReject("missing_image", "no image reference (null)")
         if isinstance(value, (bytes, bytearray, memoryview)):
             return _resolve_bytes(value, ctx)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str):
-            raise RowReject(
+            raise _RowReject(
                 "bad_image_reference",
                 f"expected a path, URL or bytes, got {type(value).__name__}: {str(value)[:80]!r}",
             )
         ref = value.strip()
         if not ref:
-            raise RowReject("missing_image", "no image reference (empty string)")
+            raise _RowReject("missing_image", "no image reference (empty string)")
         if _DATA_URL_RE.match(ref):
-            raise RowReject(
+            raise _RowReject(
                 "unsupported_url_scheme",
                 f"{ref[:40]!r}... is a data: URL; decode it and put the image bytes in the image column",
             )
@@ -283,18 +283,18 @@ def _resolve_image(value: Any, ctx: ImageContext) -> ImageRef | RowReject:
                 return _resolve_remote_image(ref, scheme, value, ctx)
             parsed = urllib.parse.urlparse(ref)
             if parsed.netloc not in ("", "localhost"):
-                raise RowReject("bad_image_reference", f"{ref!r} names a remote host; use a local path")
+                raise _RowReject("bad_image_reference", f"{ref!r} names a remote host; use a local path")
             ref = urllib.request.url2pathname(parsed.path)
         return _resolve_path(ref, value, ctx)
-    except RowReject as reject:
+    except _RowReject as reject:
         return reject
 
 
 def image_root_hints(
-    resolved: list[ImageRef | RowReject], root: str | None, explicit: bool
+    resolved: list[ImageRef | _RowReject], root: str | None, explicit: bool
 ) -> tuple[str, ...]:
     """When no local image path lies under the image root, say which root would admit them all."""
-    outside = [r.path for r in resolved if isinstance(r, RowReject) and r.path is not None]
+    outside = [r.path for r in resolved if isinstance(r, _RowReject) and r.path is not None]
     if not outside or any(isinstance(r, ImageRef) and r.path is not None for r in resolved):
         return ()
     parent = os.path.commonpath([os.path.dirname(p) for p in outside])
@@ -305,14 +305,14 @@ def image_root_hints(
     )
 
 
-def resolve_images(values: list[Any], ctx: ImageContext, n_workers: int) -> list[ImageRef | RowReject]:
+def resolve_images(values: list[Any], ctx: ImageContext, n_workers: int) -> list[ImageRef | _RowReject]:
     """Resolve all image values, in order, using a thread pool for the file system and header reads."""
     if n_workers <= 1 or len(values) < 64:
         return [_resolve_image(v, ctx) for v in values]
     chunk = max(16, min(512, len(values) // (n_workers * 4) + 1))
     chunks = [values[i : i + chunk] for i in range(0, len(values), chunk)]
 
-    def work(part: list[Any]) -> list[ImageRef | RowReject]:
+    def work(part: list[Any]) -> list[ImageRef | _RowReject]:
         return [_resolve_image(v, ctx) for v in part]
 
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="ccclip-posts") as pool:

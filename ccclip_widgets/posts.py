@@ -40,7 +40,7 @@ from .image_refs import (
     Downloads,
     ImageContext,
     ImageRef,
-    RowReject,
+    _RowReject,
     content_key,
     image_root_hints,
     remote_url,
@@ -704,7 +704,7 @@ def _validate(
         ctx.downloads, ctx.fetcher = (downloads or Downloads()).fetch(urls, source)
     resolved = resolve_images(images, ctx, n_workers)
     for i, ref in enumerate(resolved):
-        if isinstance(ref, RowReject):
+        if isinstance(ref, _RowReject):
             reject(i, "image", ref.reason, ref.detail)
     hints = image_root_hints(resolved, root_abs, explicit_root)
 
