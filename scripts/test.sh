@@ -44,10 +44,11 @@ pytest_args=(-q -p no:cacheprovider --timeout 900)
 run_lane() {
   local name=$1
   shift
-  local start=$SECONDS
+  local start=$SECONDS rc=0
   echo "test.sh: lane '$name'" >&2
-  python -m pytest "${pytest_args[@]}" "$@"
-  echo "test.sh: lane '$name' took $((SECONDS - start)) s" >&2
+  python -m pytest "${pytest_args[@]}" "$@" || rc=$?
+  echo "test.sh: lane '$name' took $((SECONDS - start)) s (exit status $rc)" >&2
+  return "$rc"
 }
 fast() { run_lane fast -n "${CCCLIP_TEST_WORKERS:-2}" -m "not slow and not browser" "$@"; }
 slow() { run_lane slow -n "${CCCLIP_TEST_WORKERS:-2}" -m "slow and not browser" "$@"; }
@@ -56,5 +57,11 @@ case "$lane" in
   fast) fast "$@" ;;
   slow) slow "$@" ;;
   browser) browser "$@" ;;
-  all) fast "$@" && slow "$@" && browser "$@" ;;
+  all)  # every lane runs; the script fails if any lane failed
+    status=0
+    fast "$@" || status=$?
+    slow "$@" || status=$?
+    browser "$@" || status=$?
+    exit "$status"
+    ;;
 esac
