@@ -77,21 +77,31 @@ def default_cache_dir() -> Path:
     return path
 
 
+def source_checkout() -> Path | None:
+    """The repository folder when the package runs from a source checkout (editable install), else ``None``."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "tools").is_dir() else None
+
+
 def repo_data_dir() -> Path:
     """Return the ``data/`` folder that ships the demo set and demo weights.
 
-    ``$CCCLIP_DATA_DIR`` overrides it; otherwise it is the ``data`` folder beside the package (a source
-    checkout, installed with ``pip install -e .``).
+    ``$CCCLIP_DATA_DIR`` overrides it; otherwise it is the ``data`` folder of a source checkout (``pip install
+    -e .``), else the copy installed with the package (``ccclip_widgets/data``: a plain ``pip install .`` ships
+    the demo posts, thumbnails and weights as package data).
 
     Returns
     -------
     Path
-        The data folder (it may not exist when the package was installed without the repository).
+        The data folder (it may not exist when the package was installed without its data).
     """
     env = os.environ.get("CCCLIP_DATA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "data"
+    checkout = source_checkout()
+    if checkout is not None and (checkout / "data").is_dir():
+        return checkout / "data"
+    return Path(__file__).resolve().parent / "data"
 
 
 def blake2b_hex(data: bytes | str, digest_size: int = 16) -> str:

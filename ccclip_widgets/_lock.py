@@ -1,15 +1,16 @@
 """Inter-process file locks for the on-disk caches (embedding store, neighbor index, projection cache, runs).
 
-A lock is a small file next to the data it guards, locked with ``fcntl.flock`` on POSIX (shared or exclusive)
-or ``msvcrt.locking`` on Windows (always exclusive there). The operating system releases the lock when the holder
-exits for any reason, ``SIGKILL`` included, so a crashed process never leaves a stale lock behind and there is
-nothing to clean up by hand. The lock file itself stays (deleting it would let two processes lock two different
-files of the same name); while held exclusively it names its holder (pid, host, purpose, start time), which a
-waiting process quotes in its message.
+The locking itself is :class:`filelock.FileLock` (``fcntl.flock`` on POSIX, ``msvcrt`` on Windows): the
+operating system releases the lock when the holder exits for any reason, ``SIGKILL`` included, so a crashed
+process never leaves a stale lock behind. The lock file stays in place on release (deleting it would let two
+processes lock two different files of the same name).
 
-Locks are re-entrant per thread: a thread that holds a lock can take it again (an exclusive holder may also ask
-for a shared lock); asking for an exclusive lock while holding only a shared one is refused, since two threads
-doing that at once would deadlock.
+What this module adds is what a user waiting on a lock needs to read: while held, the lock file names its holder
+(pid, host, purpose, start time); a process that has to wait logs one message quoting it, and
+:class:`~ccclip_widgets.errors.LockTimeout` names it too.
+
+Locks are exclusive and re-entrant per thread (a thread that holds a lock can take it again); different threads
+exclude each other like different processes do.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+import filelock
 
 from .errors import LockTimeout
 
@@ -33,43 +35,8 @@ log = logging.getLogger(__name__)
 __all__ = ["LockTimeout", "file_lock", "lock_holder"]
 
 
-_registry_guard = threading.Lock()
-#: (lock path, thread id) -> [mode, depth]; mode is "ex" or "sh".
-_held: dict[tuple[str, int], list[Any]] = {}
-
-
-if sys.platform == "win32":  # pragma: no cover - exercised only on Windows
-    import msvcrt
-
-    def _try_lock(f: IO[bytes], shared: bool) -> bool:
-        f.seek(0)
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-
-    def _unlock(f: IO[bytes]) -> None:
-        f.seek(0)
-        with contextlib.suppress(OSError):
-            msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
-
-else:
-    import fcntl
-
-    def _try_lock(f: IO[bytes], shared: bool) -> bool:
-        try:
-            fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def _unlock(f: IO[bytes]) -> None:
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def lock_holder(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """What an exclusive holder wrote into the lock file (pid, host, purpose, since), or None."""
+    """What the holder wrote into the lock file (pid, host, purpose, since), or None."""
     try:
         text = Path(path).read_text("utf-8").strip()
         return json.loads(text) if text else None
@@ -84,6 +51,22 @@ def _describe(holder: dict[str, Any] | None) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
     what = f", {holder['purpose']}" if holder.get("purpose") else ""
     return f"process {holder.get('pid')} on {holder.get('host')} (since {when}{what})"
+
+
+_acquiring = threading.local()  # the purpose of the lock this thread is acquiring (read by _write_holder)
+
+
+def _write_holder(fd: int) -> None:
+    """filelock's ``on_acquired`` hook: name this process in the lock file it now holds."""
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "purpose": getattr(_acquiring, "purpose", ""),
+        "since": time.time(),
+    }
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
 
 
 @contextlib.contextmanager
@@ -103,7 +86,8 @@ def file_lock(
     path
         The lock file (created, with its folder, if missing).
     shared
-        A shared (reader) lock: many holders at once, none while someone holds it exclusively.
+        Accepted for readers; the lock is taken exclusively all the same (readers of one folder then take
+        turns, which costs little next to what they read).
     timeout
         Seconds to wait for a busy lock; ``None`` waits as long as it takes, ``0`` does not wait.
     purpose
@@ -124,84 +108,54 @@ def file_lock(
     ------
     LockTimeout
         When the lock is still busy after ``timeout`` seconds; the message names the holder.
-    RuntimeError
-        When this thread holds the lock shared and asks for it exclusively.
     """
+    del shared  # see the docstring: one kind of lock
     lock_path = Path(path)
-    key = (os.path.abspath(lock_path), threading.get_ident())
-    mode = "sh" if shared else "ex"
-    with _registry_guard:
-        entry = _held.get(key)
-        if entry is not None:
-            if entry[0] == "sh" and mode == "ex":
-                raise RuntimeError(
-                    f"This thread holds {lock_path} as a shared lock and asks for it exclusively; release it first"
-                )
-            entry[1] += 1
-    if entry is not None:
-        try:
-            yield lock_path
-        finally:
-            with _registry_guard:
-                entry[1] -= 1
-        return
-
-    f: IO[bytes] | None = None
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+b")  # closed in the finally below
+        lock = filelock.FileLock(
+            lock_path,
+            is_singleton=True,  # one instance per path: re-entrant in the thread that holds it
+            preserve_lock_file=True,
+            on_acquired=_write_holder,
+            poll_interval=0.05,
+        )
+        _acquiring.purpose = purpose
+        acquired = _acquire(lock, lock_path, timeout, on_wait)
     except OSError as exc:
         if not best_effort or isinstance(exc, FileNotFoundError):
             raise
-        log.debug("cannot create lock file %s (%s); reading without a lock", lock_path, exc)
-    if f is None:
+        log.debug("cannot lock %s (%s); reading without a lock", lock_path, exc)
         yield lock_path
         return
     try:
-        start = time.monotonic()
-        delay = 0.02
-        warned = False
-        while not _try_lock(f, shared):
-            waited = time.monotonic() - start
-            holder = lock_holder(lock_path)
-            if timeout is not None and waited >= timeout:
-                raise LockTimeout(
-                    f"{lock_path} is still locked by {_describe(holder)} after {waited:.0f} s. Wait for it to "
-                    "finish (or stop it), then try again; a process that died has already released the lock."
-                )
-            if not warned:
-                msg = (
-                    f"Waiting for {lock_path}: {_describe(holder)} is using it. This process continues when it "
-                    "is done and then reuses whatever that process finished."
-                )
-                (on_wait or log.warning)(msg)
-                warned = True
-            time.sleep(delay if timeout is None else min(delay, max(0.0, timeout - waited)))
-            delay = min(0.5, delay * 1.5)
-        if not shared:
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "purpose": purpose,
-                "since": time.time(),
-            }
-            with contextlib.suppress(OSError):
-                f.seek(0)
-                f.truncate()
-                f.write(json.dumps(info).encode("utf-8"))
-                f.flush()
-        with _registry_guard:
-            _held[key] = [mode, 1]
-        try:
-            yield lock_path
-        finally:
-            with _registry_guard:
-                _held.pop(key, None)
-            if not shared:
-                with contextlib.suppress(OSError):
-                    f.seek(0)
-                    f.truncate()
-                    f.flush()
-            _unlock(f)
+        yield lock_path
     finally:
-        f.close()
+        if acquired.lock_counter == 1:  # the outermost hold: the file no longer names a holder
+            with contextlib.suppress(OSError):
+                os.truncate(lock_path, 0)
+        lock.release()
+
+
+def _acquire(
+    lock: filelock.FileLock, lock_path: Path, timeout: float | None, on_wait: Callable[[str], None] | None
+) -> filelock.FileLock:
+    start = time.monotonic()
+    try:
+        lock.acquire(timeout=0)
+        return lock
+    except filelock.Timeout:
+        pass
+    (on_wait or log.warning)(
+        f"Waiting for {lock_path}: {_describe(lock_holder(lock_path))} is using it. This process continues "
+        "when it is done and then reuses whatever that process finished."
+    )
+    try:
+        lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
+    except filelock.Timeout:
+        waited = time.monotonic() - start
+        raise LockTimeout(
+            f"{lock_path} is still locked by {_describe(lock_holder(lock_path))} after {waited:.0f} s. Wait for "
+            "it to finish (or stop it), then try again; a process that died has already released the lock."
+        ) from None
+    return lock

@@ -399,14 +399,16 @@ PER_POST_DROPPED = ("image_bytes",)
 
 # --------------------------------------------------------------------------------------------- driver
 def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    from .distributed import dist_info
+
+    info = dist_info()
+    return info.rank, info.world_size
 
 
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    from .distributed import barrier
+
+    barrier()
 
 
 def embed_posts(

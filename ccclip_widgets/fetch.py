@@ -34,20 +34,10 @@ every URL (the cache disk is full or not writable) raise.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import email.utils
-import errno
 import hashlib
-import http.client
-import json
 import logging
 import os
-import random
-import select
-import socket
-import ssl
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -55,11 +45,38 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._io import DiskFullError, atomic_write_bytes, blake2b_file, blake2b_hex, default_cache_dir
+import urllib3
+from urllib3.exceptions import MaxRetryError
+from urllib3.util import Timeout, make_headers
+
+from ._fetch_http import (
+    _CHUNK,
+    _OK_STATUSES,
+    _REDIRECT_STATUSES,
+    _RETRY_STATUSES,
+    _SNIFF_BYTES,
+    _TOLERATED_TYPES,
+    FETCH_REASONS,
+    FetchResult,
+    _classify,
+    _discard,
+    _Failure,
+    _finish,
+    _is_connect_failure,
+    _is_timeout,
+    _parse_target,
+    _plural,
+    _Policy,
+    _set_read_timeout,
+    _status_failure,
+    _strip_fragment,
+    _Target,
+    sniff_image_format,
+)
+from .download_cache import CacheEntry, DownloadCache
 
 __all__ = [
     "DEFAULT_MAX_DOWNLOAD_BYTES",
@@ -70,6 +87,7 @@ __all__ = [
     "OFFLINE_ENV",
     "CacheEntry",
     "DownloadCache",
+    "FetchConfig",
     "FetchResult",
     "Fetcher",
     "fetch_images",
@@ -86,34 +104,6 @@ DEFAULT_TOTAL_TIMEOUT = 300.0
 DEFAULT_MAX_REDIRECTS = 5
 DEFAULT_MAX_DOWNLOAD_BYTES = 50 * 2**20  # the same as images.DEFAULT_MAX_BYTES
 OFFLINE_ENV = "CCCLIP_OFFLINE"
-
-FETCH_REASONS: dict[str, str] = {
-    "unsupported_url_scheme": "only http and https URLs are downloaded (not file://, ftp://, data:, s3://, ...)",
-    "bad_url": "the URL cannot be parsed (no host, bad port, invalid characters)",
-    "network_disabled": "the URL is not in the download cache and the network is off (CCCLIP_OFFLINE / network=False)",
-    "http_not_found": "the server answered 404 Not Found or 410 Gone",
-    "http_forbidden": "the server answered 401 or 403 (expired or private link)",
-    "http_error": "the server answered another HTTP error (5xx and 429 only after the retries)",
-    "timeout": "connecting, waiting for data or the whole download took too long (after the retries)",
-    "connection_error": "the connection failed: host unknown, refused, reset or cut short (after the retries)",
-    "tls_error": "the TLS (https) handshake or certificate check failed",
-    "too_many_redirects": "the URL redirects more often than allowed",
-    "redirect_loop": "the URL redirects in a circle",
-    "too_large_image": "the download exceeds the size cap",
-    "not_an_image": "the server sent something that is not an image (wrong content type or first bytes)",
-    "empty_image": "the server sent an empty body",
-}
-
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_OK_STATUSES = frozenset({200, 203})
-_TOLERATED_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/binary"})
-_CHUNK = 64 * 1024
-_SNIFF_BYTES = 32
-_DRAIN_LIMIT = 64 * 1024  # bytes of a redirect or error body read so that the connection can be reused
-_MAX_IDLE_PER_HOST = 32
-_TMP_MAX_AGE = 24 * 3600.0
-_HEIF_BRANDS = frozenset({b"avif", b"avis", b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"})
-_BMP_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 
 
 def network_enabled(network: bool | None = None) -> bool:
@@ -135,626 +125,41 @@ def network_enabled(network: bool | None = None) -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 
-def sniff_image_format(head: bytes) -> str | None:
-    """Name the image format from a file's first bytes (magic numbers), or ``None``.
-
-    Parameters
-    ----------
-    head
-        At least the first 18 bytes of the file (fewer only when the file is that short).
-
-    Returns
-    -------
-    str or None
-        ``"JPEG"``, ``"PNG"``, ``"GIF"``, ``"WEBP"``, ``"BMP"``, ``"TIFF"``, ``"HEIF"`` (AVIF and HEIC), or
-        ``None`` when the bytes are not those of a supported image format.
-    """
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
-        return "HEIF"
-    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
-        return "BMP"
-    return None
-
-
-# ==============================================================================================================
-# Results
-
-
 @dataclass(frozen=True, slots=True)
-class FetchResult:
-    """The outcome of fetching one URL.
+class FetchConfig:
+    """How to download image URLs: the :class:`Fetcher` arguments as one value (``read_posts(fetcher=...)``).
 
-    Attributes
-    ----------
-    url
-        The URL as requested.
-    path
-        The cached body (content-addressed, read-only by convention) when the fetch succeeded, else ``None``.
-    key
-        BLAKE2b-128 hex digest of the body (the same key ``read_posts`` gives the same image passed as bytes).
-    size
-        Body size in bytes (0 on failure).
-    reason
-        ``None`` on success, else a code from :data:`FETCH_REASONS`.
-    detail
-        A sentence naming the URL and what to do (on success: where the body came from).
-    status
-        The last HTTP status received, if any.
-    attempts
-        Network attempts made (0 for cache hits and for URLs refused before any request).
-    from_cache
-        The body came from the download cache without any network request.
-    repaired
-        A cached copy was found corrupt (its hash no longer matched) and was discarded.
-    content_type
-        The ``Content-Type`` the server sent.
-    final_url
-        The URL after redirects.
-    image_format
-        The format named by the body's first bytes (see :func:`sniff_image_format`).
+    Every field is a :class:`Fetcher` argument (see there); ``max_bytes=None`` means "the caller's image size
+    cap" (``read_posts``' ``max_bytes``, else :data:`DEFAULT_MAX_DOWNLOAD_BYTES`).
+
+    Examples
+    --------
+    >>> read_posts("posts.csv", fetcher=FetchConfig(network=False))  # doctest: +SKIP
+    >>> read_posts("posts.csv", fetcher=FetchConfig(workers=4, timeout=(5, 20), retries=1))  # doctest: +SKIP
     """
 
-    url: str
-    path: Path | None = None
-    key: str | None = None
-    size: int = 0
-    reason: str | None = None
-    detail: str = ""
-    status: int | None = None
-    attempts: int = 0
-    from_cache: bool = False
-    repaired: bool = False
-    content_type: str | None = None
-    final_url: str | None = None
-    image_format: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the body is available at :attr:`path`."""
-        return self.reason is None
-
-
-class _Failure(Exception):
-    """Internal: one attempt failed. ``retryable`` says whether another attempt may help."""
-
-    def __init__(
-        self,
-        reason: str,
-        detail: str,
-        *,
-        retryable: bool = False,
-        retry_after: float | None = None,
-        status: int | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.status = status
-
-
-# ==============================================================================================================
-# The cache
-
-
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    """A URL found in the download cache.
-
-    Attributes
-    ----------
-    url
-        The URL.
-    key
-        BLAKE2b-128 hex digest of the body.
-    path
-        The body file.
-    size
-        Body size in bytes.
-    content_type, final_url, image_format, fetched_at
-        What the server sent and when (ISO 8601, UTC).
-    """
-
-    url: str
-    key: str
-    path: Path
-    size: int
-    content_type: str | None = None
-    final_url: str | None = None
-    image_format: str | None = None
-    fetched_at: str | None = None
-
-
-class DownloadCache:
-    """Content-addressed store of downloaded bodies plus a URL -> content-hash map.
-
-    Layout under ``root``: ``objects/<k[:2]>/<k>`` holds a body whose BLAKE2b-128 hex digest is ``k``;
-    ``urls/<u[:2]>/<u>.json`` (``u`` = BLAKE2b-128 of the URL) records the URL, its body's key, size, content
-    type and final URL; ``tmp/`` holds downloads in progress (same file system, so a finished body is renamed
-    into place atomically). One small file per URL keeps concurrent writers (threads or processes) from ever
-    rewriting a shared index. Temporary files older than a day (left by killed processes) are removed when a
-    cache is opened.
-
-    Parameters
-    ----------
-    root
-        Cache folder (default: ``downloads`` in the toolkit cache, ``$CCCLIP_CACHE`` or ``~/.cache/ccclip_widgets``).
-    """
-
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_cache_dir() / "downloads"
-        self.objects = self.root / "objects"
-        self.urls = self.root / "urls"
-        self.tmp = self.root / "tmp"
-        for folder in (self.objects, self.urls, self.tmp):
-            folder.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps()
-
-    def __repr__(self) -> str:
-        return f"DownloadCache({str(self.root)!r})"
-
-    def _remove_stale_temps(self) -> None:
-        cutoff = time.time() - _TMP_MAX_AGE
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(self.tmp):
-                with contextlib.suppress(OSError):
-                    if entry.is_file() and entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-
-    def body_path(self, key: str) -> Path:
-        """Where the body with content hash ``key`` lives (it may not exist)."""
-        return self.objects / key[:2] / key
-
-    def _map_path(self, url: str) -> Path:
-        digest = blake2b_hex(url)
-        return self.urls / digest[:2] / f"{digest}.json"
-
-    def lookup(self, url: str, *, verify: bool = True) -> CacheEntry | None:
-        """The cached body of ``url``, or ``None`` when it is not cached (or its copy was corrupt).
-
-        Parameters
-        ----------
-        url
-            The URL exactly as it will be requested.
-        verify
-            Re-hash the body and compare it with its key (a corrupt copy is deleted and ``None`` returned).
-
-        Returns
-        -------
-        CacheEntry or None
-        """
-        entry, _ = self._lookup(url, verify=verify)
-        return entry
-
-    def _lookup(self, url: str, *, verify: bool) -> tuple[CacheEntry | None, str | None]:
-        """Return (entry, problem): ``problem`` describes a corrupt copy that was discarded."""
-        try:
-            record = json.loads(self._map_path(url).read_bytes())
-        except (OSError, ValueError):  # not cached, or a map file cut short by a crash
-            return None, None
-        if not isinstance(record, dict) or record.get("url") != url or not isinstance(record.get("key"), str):
-            return None, None
-        key: str = record["key"]
-        path = self.body_path(key)
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return None, None  # body deleted (cache pruned by hand, or discarded as corrupt): fetch again
-        problem = None
-        if size != record.get("size"):
-            problem = f"size {size} bytes, expected {record.get('size')}"
-        elif verify:
-            try:
-                actual = blake2b_file(path)
-            except OSError as exc:
-                return None, f"unreadable ({exc})"
-            if actual != key:
-                problem = f"content hash {actual}, expected {key}"
-        if problem is not None:
-            logger.warning(
-                "download cache: the cached copy of %s (%s) is corrupt: %s; it is deleted and fetched again",
-                url,
-                path,
-                problem,
-            )
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return None, problem
-        return (
-            CacheEntry(
-                url=url,
-                key=key,
-                path=path,
-                size=size,
-                content_type=record.get("content_type"),
-                final_url=record.get("final_url"),
-                image_format=record.get("image_format"),
-                fetched_at=record.get("fetched_at"),
-            ),
-            None,
-        )
-
-    def new_temp(self) -> tuple[int, Path]:
-        """Open a new temporary file in the cache (for a body being downloaded).
-
-        Returns
-        -------
-        (int, Path)
-            An open file descriptor and the file's path.
-        """
-        fd, name = tempfile.mkstemp(prefix="dl.", suffix=".part", dir=self.tmp)
-        return fd, Path(name)
-
-    def commit(
-        self,
-        url: str,
-        temp: Path,
-        key: str,
-        size: int,
-        *,
-        content_type: str | None = None,
-        final_url: str | None = None,
-        image_format: str | None = None,
-    ) -> CacheEntry:
-        """Move a finished, fsynced temporary body into place and record ``url`` -> ``key``.
-
-        The body is renamed first and the URL record written after it, so a record never points at a body
-        that was not there when it was written.
-
-        Parameters
-        ----------
-        url
-            The URL the body was downloaded from.
-        temp
-            The temporary file from :meth:`new_temp` (consumed).
-        key
-            BLAKE2b-128 hex digest of the body.
-        size
-            Body size in bytes.
-        content_type, final_url, image_format
-            Recorded with the URL.
-
-        Returns
-        -------
-        CacheEntry
-        """
-        path = self.body_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)  # identical content under the same name: replacing is harmless
-        fetched_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        record = {
-            "url": url,
-            "key": key,
-            "size": size,
-            "content_type": content_type,
-            "final_url": final_url,
-            "image_format": image_format,
-            "fetched_at": fetched_at,
-        }
-        atomic_write_bytes(self._map_path(url), json.dumps(record, sort_keys=True).encode("utf-8"))
-        return CacheEntry(url, key, path, size, content_type, final_url, image_format, fetched_at)
-
-
-# ==============================================================================================================
-# URLs and connections
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    url: str
-    scheme: str
-    host: str  # ASCII (IDNA-encoded), without brackets
-    port: int
-    request_path: str  # path + query, percent-encoded
-
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
-
-    @property
-    def origin(self) -> tuple[str, str, int]:
-        return self.scheme, self.host, self.port
-
-
-_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-_QUERY_SAFE = _PATH_SAFE + "?"
-
-
-def _parse_target(url: str, *, via: str | None = None) -> _Target:
-    """Check that ``url`` is an http(s) URL with a host and build the request target; raise _Failure if not."""
-    where = f" (redirected from {via})" if via else ""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-        host = parts.hostname
-    except ValueError as exc:
-        raise _Failure(
-            "bad_url", f"{url}{where}: not a valid URL ({exc}); fix the URL in the image column"
-        ) from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        shown = f"{scheme}:" if scheme else "no scheme"
-        raise _Failure(
-            "unsupported_url_scheme",
-            f"{url}{where}: {shown} URLs are not downloaded, only http and https; put a local path (relative "
-            "to image_root) or the image bytes in the image column instead",
-        )
-    if not host:
-        raise _Failure("bad_url", f"{url}{where}: the URL has no host name; fix the URL in the image column")
-    try:
-        host.encode("ascii")
-    except UnicodeEncodeError:
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise _Failure("bad_url", f"{url}{where}: the host name {host!r} is not valid") from None
-    if any(c in host for c in " \t\r\n/\\"):
-        raise _Failure("bad_url", f"{url}{where}: the host name {host!r} is not valid")
-    path = urllib.parse.quote(parts.path or "/", safe=_PATH_SAFE)
-    if not path.startswith("/"):
-        path = "/" + path
-    if parts.query:
-        path += "?" + urllib.parse.quote(parts.query, safe=_QUERY_SAFE)
-    return _Target(
-        url=url,
-        scheme=scheme,
-        host=host,
-        port=port or (443 if scheme == "https" else 80),
-        request_path=path,
-    )
-
-
-def _strip_fragment(url: str) -> str:
-    return urllib.parse.urldefrag(url)[0]
-
-
-@dataclass(frozen=True, slots=True)
-class _Proxy:
-    host: str
-    port: int
-    auth: str | None  # value of a Proxy-Authorization header
-
-
-def _parse_proxy(value: str) -> _Proxy | None:
-    parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
-    try:
-        port = parts.port or 8080
-    except ValueError:
-        return None
-    if not parts.hostname:
-        return None
-    auth = None
-    if parts.username is not None:
-        raw = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        auth = "Basic " + base64.b64encode(raw.encode("utf-8")).decode("ascii")
-    return _Proxy(parts.hostname, port, auth)
-
-
-class _ConnectionPool:
-    """Idle HTTP(S) connections per origin, shared by the worker threads (guarded by a lock)."""
-
-    def __init__(self, connect_timeout: float, read_timeout: float, trust_env: bool) -> None:
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self._idle: dict[tuple[Any, ...], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
-        self._ssl: ssl.SSLContext | None = None
-        self._proxies = urllib.request.getproxies_environment() if trust_env else {}
-
-    def proxy_for(self, target: _Target) -> _Proxy | None:
-        value = self._proxies.get(target.scheme)
-        if not value:
-            return None
-        if urllib.request.proxy_bypass_environment(target.host, self._proxies):
-            return None
-        return _parse_proxy(value)
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        with self._lock:
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            return self._ssl
-
-    def acquire(
-        self, target: _Target, proxy: _Proxy | None, *, fresh: bool = False
-    ) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection to ``target``'s origin (via ``proxy``) and whether it was reused from the pool."""
-        key = (*target.origin, proxy)
-        if not fresh:
-            with self._lock:
-                idle = self._idle.get(key)
-                conn = idle.pop() if idle else None
-            while conn is not None:
-                if _still_open(conn):
-                    conn.sock.settimeout(self.read_timeout)  # type: ignore[union-attr]
-                    return conn, True
-                conn.close()
-                with self._lock:
-                    idle = self._idle.get(key)
-                    conn = idle.pop() if idle else None
-        conn = self._connect(target, proxy)
-        return conn, False
-
-    def _connect(self, target: _Target, proxy: _Proxy | None) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection
-        if target.scheme == "https":
-            context = self._ssl_context()
-            if proxy is not None:
-                conn = http.client.HTTPSConnection(
-                    proxy.host, proxy.port, timeout=self.connect_timeout, context=context
-                )
-                headers = {"Proxy-Authorization": proxy.auth} if proxy.auth else None
-                conn.set_tunnel(target.host, target.port, headers=headers)
-            else:
-                conn = http.client.HTTPSConnection(
-                    target.host, target.port, timeout=self.connect_timeout, context=context
-                )
-        elif proxy is not None:
-            conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=self.connect_timeout)
-        else:
-            conn = http.client.HTTPConnection(target.host, target.port, timeout=self.connect_timeout)
-        try:
-            conn.connect()
-            conn.sock.settimeout(self.read_timeout)  # type: ignore[union-attr]
-        except BaseException as exc:
-            conn.close()
-            raise _classify(exc, target.url, phase="connect", timeout=self.connect_timeout) from None
-        return conn
-
-    def release(self, target: _Target, proxy: _Proxy | None, conn: http.client.HTTPConnection) -> None:
-        key = (*target.origin, proxy)
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < _MAX_IDLE_PER_HOST:
-                idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()
-
-
-def _still_open(conn: http.client.HTTPConnection) -> bool:
-    """An idle kept-alive socket that is readable has been closed by the server (or sent junk)."""
-    sock = conn.sock
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
-
-
-def _classify(exc: BaseException, url: str, *, phase: str, timeout: float) -> _Failure:
-    """Turn a network exception into a _Failure with a reason, a detail and whether to retry."""
-    if isinstance(exc, _Failure):
-        return exc
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        what = {
-            "connect": f"connecting timed out after {timeout:g} s",
-            "read": f"the server sent nothing for {timeout:g} s (read timeout)",
-        }.get(phase, f"timed out ({phase})")
-        return _Failure("timeout", f"{url}: {what}; the server is slow or unreachable", retryable=True)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _Failure(
-            "tls_error",
-            f"{url}: the server's TLS certificate failed verification ({exc.verify_message or exc}); "
-            "fix the system's CA certificates (SSL_CERT_FILE) or the URL",
-        )
-    if isinstance(exc, ssl.SSLError):
-        return _Failure("tls_error", f"{url}: TLS error ({exc})", retryable=True)
-    if isinstance(exc, socket.gaierror):
-        permanent = exc.errno in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
-        return _Failure(
-            "connection_error",
-            f"{url}: cannot resolve the host name ({exc.strerror or exc}); check the URL and the network "
-            "(or DNS/proxy settings)",
-            retryable=not permanent,
-        )
-    if isinstance(exc, (http.client.InvalidURL, ValueError)):  # characters http.client refuses to send
-        return _Failure("bad_url", f"{url}: invalid URL ({exc}); fix the URL in the image column")
-    if isinstance(exc, http.client.IncompleteRead):
-        return _Failure(
-            "connection_error",
-            f"{url}: the connection closed after {len(exc.partial)} bytes, before the body was complete",
-            retryable=True,
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        return _Failure(
-            "connection_error", f"{url}: connection refused (nothing listens on that port)", retryable=True
-        )
-    if isinstance(exc, (http.client.HTTPException, OSError)):
-        name = type(exc).__name__
-        text = str(exc) or name
-        return _Failure("connection_error", f"{url}: connection failed ({name}: {text})", retryable=True)
-    raise exc  # programming errors and KeyboardInterrupt propagate
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-def _status_failure(
-    url: str, status: int, phrase: str, retry_after: float | None, attempts_hint: str
-) -> _Failure:
-    answer = f"HTTP {status} {phrase}".rstrip()
-    if status in (404, 410):
-        return _Failure(
-            "http_not_found",
-            f"{url}: {answer}; the image is gone or the URL is wrong: fix the URL or drop the row",
-            status=status,
-        )
-    if status in (401, 403):
-        return _Failure(
-            "http_forbidden",
-            f"{url}: {answer}; the link is private or expired (signed CDN links expire): export fresh URLs "
-            "or download the images with your credentials and use local paths",
-            status=status,
-        )
-    retryable = status in (408, 425, 429) or (500 <= status < 600 and status not in (501, 505))
-    advice = "the server is overloaded or failing: run again later" if retryable else "check the URL"
-    return _Failure(
-        "http_error",
-        f"{url}: {answer}{attempts_hint}; {advice}",
-        retryable=retryable,
-        retry_after=retry_after,
-        status=status,
-    )
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _write(fd: int, chunk: bytes | None, cache: DownloadCache) -> None:
-    """Write a chunk to a temporary body, unbuffered (``None``: fsync); a full disk raises DiskFullError."""
-    try:
-        if chunk is None:
-            os.fsync(fd)
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(
-                exc.errno,
-                f"No space left on the device while downloading into the cache {cache.root}; free some space "
-                "or pass another download_cache folder, then run again (finished downloads are kept)",
-            ) from exc
-        raise
+    cache: Any = None  # DownloadCache, a folder, or None (the toolkit cache's downloads/)
+    network: bool | None = None
+    workers: int = DEFAULT_WORKERS
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT
+    total_timeout: float = DEFAULT_TOTAL_TIMEOUT
+    retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_bytes: int | None = None
+    max_redirects: int = DEFAULT_MAX_REDIRECTS
+    user_agent: str | None = None
+    verify_cache: bool = True
+    trust_env: bool = True
+    host_failure_limit: int | None = 8
+    ca_certs: str | os.PathLike[str] | None = None
+
+    def fetcher(self, *, max_bytes: int | None = None) -> Fetcher:
+        """A new :class:`Fetcher` with these settings (``max_bytes`` fills in an unset size cap)."""
+        options = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        cap = self.max_bytes if self.max_bytes is not None else max_bytes
+        options["max_bytes"] = cap if cap is not None else DEFAULT_MAX_DOWNLOAD_BYTES
+        return Fetcher(**options)
 
 
 # ==============================================================================================================
@@ -806,6 +211,16 @@ class Fetcher:
     host_failure_limit
         After this many URLs in a row of one host failed with connection errors or timeouts (retries spent),
         its remaining URLs fail at once instead of each waiting for its timeouts; ``None`` turns this off.
+    ca_certs
+        A PEM file of CA certificates to trust for ``https`` instead of the system's (a private CA).
+
+    Notes
+    -----
+    The HTTP itself is urllib3's: a ``PoolManager`` (a ``ProxyManager`` per proxy) keeps connections alive
+    per host and verifies TLS certificates, ``Timeout`` bounds connecting and each wait for data, and the retry
+    bookkeeping is a ``Retry``. What is this toolkit's own is the policy for untrusted image URLs: redirects
+    are followed by hand so every hop is re-checked (http/https only, loops, the limit), bodies are streamed
+    with the size cap and the total time limit enforced while reading, and the first bytes must be an image.
 
     Examples
     --------
@@ -831,6 +246,7 @@ class Fetcher:
         verify_cache: bool = True,
         trust_env: bool = True,
         host_failure_limit: int | None = 8,
+        ca_certs: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(timeout, (int, float)):
             connect_timeout = read_timeout = float(timeout)
@@ -865,7 +281,23 @@ class Fetcher:
         self.user_agent = user_agent
         self.verify_cache = verify_cache
         self.host_failure_limit = host_failure_limit
-        self._pool = _ConnectionPool(connect_timeout, read_timeout, trust_env)
+        self._pool_options: dict[str, Any] = {
+            "num_pools": 64,
+            "maxsize": max(self.workers, 1),
+            "block": False,
+            "retries": False,  # retries, redirects and their checks are this class's (see _fetch, _download)
+            "timeout": Timeout(connect=connect_timeout, read=read_timeout),
+            "headers": {
+                "User-Agent": self.user_agent,
+                "Accept": "image/avif,image/webp,image/*;q=0.9,*/*;q=0.5",
+                "Accept-Encoding": "identity",
+            },
+        }
+        if ca_certs is not None:
+            self._pool_options["ca_certs"] = os.fspath(ca_certs)
+        self._direct = urllib3.PoolManager(**self._pool_options)
+        self._proxy_managers: dict[str, urllib3.ProxyManager] = {}
+        self._proxies = urllib.request.getproxies_environment() if trust_env else {}
         self._sleep: Callable[[float], None] = time.sleep  # replaced in tests to record back-off waits
         self._host_failures: dict[tuple[str, str, int], int] = {}
         self._lock = threading.Lock()
@@ -887,12 +319,48 @@ class Fetcher:
 
     def close(self) -> None:
         """Close the kept-alive connections."""
-        self._pool.close()
+        with self._lock:
+            managers = [self._direct, *self._proxy_managers.values()]
+        for manager in managers:
+            manager.clear()
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
                 self.stats[name] += delta
+
+    def _policy(self) -> _Policy:
+        return _Policy(
+            total=self.retries,
+            redirect=False,
+            status_forcelist=_RETRY_STATUSES,
+            backoff_factor=self.backoff,
+            backoff_max=self.max_backoff,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+
+    def _manager_for(self, target: _Target) -> urllib3.PoolManager:
+        """The direct pool, or the proxy's (``http_proxy``/``https_proxy``, unless ``no_proxy`` lists the host)."""
+        value = self._proxies.get(target.scheme)
+        if not value or urllib.request.proxy_bypass_environment(target.host, self._proxies):
+            return self._direct
+        with self._lock:
+            manager = self._proxy_managers.get(value)
+            if manager is None:
+                parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
+                headers = None
+                if parts.username is not None:
+                    auth = (
+                        f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+                    )
+                    headers = make_headers(proxy_basic_auth=auth)
+                host = parts.hostname or ""
+                shown = f"[{host}]" if ":" in host else host
+                proxy_url = f"{parts.scheme or 'http'}://{shown}:{parts.port or 8080}"
+                manager = urllib3.ProxyManager(proxy_url, proxy_headers=headers, **self._pool_options)
+                self._proxy_managers[value] = manager
+            return manager
 
     # ---- one URL
 
@@ -972,16 +440,47 @@ class Fetcher:
                     "again (finished downloads are cached)",
                     repaired=repaired,
                 )
+        # Lock, then look again: another process (or thread) may have just downloaded this URL.
+        with self.cache.url_lock(url, timeout=self.total_timeout * (self.retries + 1) + self.max_backoff):
+            entry, _ = self.cache._lookup(url, verify=self.verify_cache)
+            if entry is not None:
+                return FetchResult(
+                    original,
+                    path=entry.path,
+                    key=entry.key,
+                    size=entry.size,
+                    detail=f"{url}: from the download cache ({entry.path}), downloaded meanwhile by another "
+                    "process",
+                    from_cache=True,
+                    repaired=repaired,
+                    content_type=entry.content_type,
+                    final_url=entry.final_url,
+                    image_format=entry.image_format,
+                )
+            return self._download_with_retries(original, url, host, repaired)
+
+    def _download_with_retries(
+        self, original: str, url: str, host: tuple[str, str, int], repaired: bool
+    ) -> FetchResult:
+        policy = self._policy()
         attempts = 0
         while True:
             attempts += 1
             try:
                 got = self._download(url)
             except _Failure as failure:
-                if failure.retryable and attempts <= self.retries:
-                    self._count(retries=1)
-                    self._sleep(self._delay(attempts - 1, failure.retry_after))
-                    continue
+                if failure.retryable:
+                    try:
+                        policy = policy.increment("GET", url)
+                    except MaxRetryError:
+                        pass  # retries spent: report the failure below
+                    else:
+                        self._count(retries=1)
+                        wait = policy.get_backoff_time()
+                        if failure.retry_after is not None:
+                            wait = min(max(failure.retry_after, 0.0), self.max_backoff)
+                        self._sleep(wait)
+                        continue
                 if failure.reason in ("connection_error", "timeout"):
                     with self._lock:
                         self._host_failures[host] = self._host_failures.get(host, 0) + 1
@@ -1027,24 +526,7 @@ class Fetcher:
                 image_format=got.image_format,
             )
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_backoff)
-        base = min(self.max_backoff, self.backoff * (2**attempt))
-        return base / 2 + random.uniform(0, base / 2)
-
     # ---- one attempt (redirects included)
-
-    def _headers(self, target: _Target, proxy: _Proxy | None) -> dict[str, str]:
-        headers = {
-            "Host": target.host_header,
-            "User-Agent": self.user_agent,
-            "Accept": "image/avif,image/webp,image/*;q=0.9,*/*;q=0.5",
-            "Accept-Encoding": "identity",
-        }
-        if proxy is not None and proxy.auth and target.scheme == "http":
-            headers["Proxy-Authorization"] = proxy.auth
-        return headers
 
     def _download(self, url: str) -> _Downloaded:
         deadline = time.monotonic() + self.total_timeout
@@ -1052,12 +534,11 @@ class Fetcher:
         current = url
         target = _parse_target(url)
         while True:
-            proxy = self._pool.proxy_for(target)
-            conn, response = self._request(target, proxy, deadline)
+            response = self._request(target, deadline)
             status = response.status
             if status in _REDIRECT_STATUSES:
-                location = response.getheader("Location")
-                self._finish(target, proxy, conn, response)
+                location = response.headers.get("Location")
+                _finish(response)
                 if not location:
                     raise _Failure(
                         "http_error",
@@ -1084,95 +565,58 @@ class Fetcher:
                 current = following
                 continue
             if status not in _OK_STATUSES:
-                retry_after = _parse_retry_after(response.getheader("Retry-After"))
-                self._finish(target, proxy, conn, response)
+                retry_after = None
+                header = response.headers.get("Retry-After")
+                if header:
+                    with contextlib.suppress(Exception):
+                        retry_after = float(self._policy().parse_retry_after(header))
+                _finish(response)
                 hint = f" (after redirects to {current})" if current != url else ""
                 raise _status_failure(url, status, response.reason or "", retry_after, hint)
-            return self._receive(url, target, proxy, conn, response, deadline)
+            return self._receive(url, target, response, deadline)
 
-    def _request(
-        self, target: _Target, proxy: _Proxy | None, deadline: float
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        path = target.request_path
-        if proxy is not None and target.scheme == "http":
-            path = f"http://{target.host_header}{path}"  # absolute form for a forwarding proxy
-        headers = self._headers(target, proxy)
-        fresh = False
-        while True:
-            if time.monotonic() >= deadline:
-                raise _Failure(
-                    "timeout", f"{target.url}: gave up after total_timeout={self.total_timeout:g} s"
-                )
-            conn, reused = self._pool.acquire(target, proxy, fresh=fresh)
-            try:
-                conn.request("GET", path, headers=headers)
-                return conn, conn.getresponse()
-            except BaseException as exc:
-                conn.close()
-                stale = isinstance(
-                    exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-                )
-                if reused and stale and not fresh:
-                    fresh = True  # a kept-alive connection the server had closed: one fresh try, not a retry
-                    continue
-                raise _classify(exc, target.url, phase="read", timeout=self.read_timeout) from None
-
-    def _finish(
-        self,
-        target: _Target,
-        proxy: _Proxy | None,
-        conn: http.client.HTTPConnection,
-        response: http.client.HTTPResponse,
-    ) -> None:
-        """Read a small redirect/error body so the connection can be reused; close it otherwise."""
+    def _request(self, target: _Target, deadline: float) -> urllib3.BaseHTTPResponse:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Failure("timeout", f"{target.url}: gave up after total_timeout={self.total_timeout:g} s")
+        timeout = Timeout(connect=min(self.connect_timeout, left), read=min(self.read_timeout, left))
         try:
-            if not response.will_close:
-                if response.length is not None and response.length <= _DRAIN_LIMIT:
-                    response.read()  # reads the rest and marks the response closed
-                elif response.chunked:
-                    drained = 0
-                    while drained <= _DRAIN_LIMIT and not response.isclosed():
-                        chunk = response.read1(_CHUNK)
-                        if not chunk:
-                            break
-                        drained += len(chunk)
-                if response.isclosed():
-                    self._pool.release(target, proxy, conn)
-                    return
-        except (OSError, http.client.HTTPException):
-            pass
-        conn.close()
+            return self._manager_for(target).request(
+                "GET",
+                target.request_url,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                decode_content=False,
+                timeout=timeout,
+            )
+        except Exception as exc:
+            phase = "connect" if _is_connect_failure(exc) else "read"
+            wait = timeout.connect_timeout if phase == "connect" else timeout.read_timeout
+            raise _classify(exc, target.url, phase=phase, timeout=float(wait or 0)) from None
 
     def _receive(
-        self,
-        url: str,
-        target: _Target,
-        proxy: _Proxy | None,
-        conn: http.client.HTTPConnection,
-        response: http.client.HTTPResponse,
-        deadline: float,
+        self, url: str, target: _Target, response: urllib3.BaseHTTPResponse, deadline: float
     ) -> _Downloaded:
         status = response.status
-        content_type = response.getheader("Content-Type")
+        content_type = response.headers.get("Content-Type")
         media = (content_type or "").split(";", 1)[0].strip().lower()
         via = f" (after redirects to {target.url})" if target.url != url else ""
         if not (media.startswith("image/") or media in _TOLERATED_TYPES):
-            conn.close()
+            _discard(response)
             raise _Failure(
                 "not_an_image",
                 f"{url}: the server sent {media or 'no content type'}{via}, not an image (an error page or a "
                 "web page rather than the image itself?); use the direct image URL",
                 status=status,
             )
-        declared = response.getheader("Content-Length")
+        declared = response.headers.get("Content-Length")
         length: int | None = None
         if declared is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 length = int(declared.strip())
-            except ValueError:
-                length = None
         if length is not None and length > self.max_bytes:
-            conn.close()
+            _discard(response)
             raise _Failure(
                 "too_large_image",
                 f"{url}: Content-Length {length} bytes exceeds the cap of {self.max_bytes} bytes; raise "
@@ -1184,8 +628,6 @@ class Fetcher:
         size = 0
         head = b""
         image_format: str | None = None
-        sock = conn.sock
-        keep = False
         try:
             try:
                 while True:
@@ -1199,15 +641,12 @@ class Fetcher:
                             status=status,
                         )
                     wait_for = min(self.read_timeout, left)
-                    if sock is not None:
-                        sock.settimeout(wait_for)
+                    _set_read_timeout(response, wait_for)
                     try:
-                        chunk = response.read1(_CHUNK)
-                    except TimeoutError:
-                        if time.monotonic() < deadline:
-                            raise _classify(TimeoutError(), url, phase="read", timeout=wait_for) from None
-                        continue  # the loop reports the total time limit
-                    except BaseException as exc:
+                        chunk = response.read1(_CHUNK, decode_content=False)
+                    except Exception as exc:
+                        if _is_timeout(exc) and time.monotonic() >= deadline:
+                            continue  # the loop reports the total time limit
                         raise _classify(exc, url, phase="read", timeout=wait_for) from None
                     if not chunk:
                         break
@@ -1226,7 +665,7 @@ class Fetcher:
                         if len(head) >= _SNIFF_BYTES:
                             image_format = self._sniff(url, head, media, via, status)
                     hasher.update(chunk)
-                    _write(fd, chunk, self.cache)
+                    self.cache.write_chunk(fd, chunk)
                 if length is not None and size < length:
                     raise _Failure(
                         "connection_error",
@@ -1235,29 +674,18 @@ class Fetcher:
                         status=status,
                     )
                 if size == 0:
-                    raise _Failure(
-                        "empty_image",
-                        f"{url}: the server sent an empty body{via}",
-                        retryable=False,
-                        status=status,
-                    )
+                    raise _Failure("empty_image", f"{url}: the server sent an empty body{via}", status=status)
                 if image_format is None:
                     image_format = self._sniff(url, head, media, via, status)
-                with contextlib.suppress(OSError, http.client.HTTPException):
-                    response.read()  # b"": marks the response complete, so the connection can be reused
-                _write(fd, None, self.cache)
+                self.cache.write_chunk(fd, None)
             finally:
                 os.close(fd)
-            keep = response.isclosed() and not response.will_close
         except BaseException:
-            conn.close()
+            _discard(response)
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        if keep:
-            self._pool.release(target, proxy, conn)
-        else:
-            conn.close()
+        response.release_conn()  # read to its end: the connection goes back to the pool
         return _Downloaded(temp, hasher.hexdigest(), size, content_type, target.url, image_format, status)
 
     @staticmethod

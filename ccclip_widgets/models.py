@@ -14,7 +14,8 @@ A model spec is a string:
 ``"hf-hub:org/repo"``
     an open_clip model on the Hugging Face hub.
 ``"demo"``
-    the offline demo model (MiniLM text tower + an image tower trained by this project).
+    the offline demo model (MiniLM text tower + an image tower trained by this project); ``"demo"`` is a named
+    spec in :mod:`ccclip_widgets.model_registry`, where plug-ins register others.
 ``"ViT-B-32:random"``
     random weights; only with ``allow_random=True`` and with a warning.
 
@@ -53,6 +54,7 @@ from .errors import (
     ModelUnavailableError,
     RandomWeightsWarning,
 )
+from .model_registry import model_spec_loader
 
 log = logging.getLogger(__name__)
 
@@ -541,10 +543,9 @@ def load_model(
     if prec not in _DTYPES:
         raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
 
-    if spec_str == "demo":
-        from .demo.model import load_demo_model
-
-        return load_demo_model(dev, prec)
+    named = model_spec_loader(spec_str)  # "demo" and any name registered with register_model_spec
+    if named is not None:
+        return named(dev, prec)
 
     if spec_str.startswith("local-dir:"):
         folder = Path(spec_str[len("local-dir:") :]).expanduser()

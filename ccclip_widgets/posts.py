@@ -14,35 +14,39 @@ from image checks ``empty_image``, ``corrupt_image``, ``truncated_image``, ``uns
 ``unsupported_url_scheme``, ``bad_url``, ``network_disabled``, ``http_not_found``, ``http_forbidden``,
 ``http_error``, ``timeout``, ``connection_error``, ``tls_error``, ``too_many_redirects``, ``redirect_loop``,
 ``not_an_image``.
+
+The work is split in three: :mod:`ccclip_widgets.posts_readers` parses the file formats and frames,
+:mod:`ccclip_widgets.image_refs` resolves and checks image references (paths, bytes, downloaded URLs), and this
+module validates the rows and builds :class:`Posts`.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
-import hashlib
-import io
-import json
+import dataclasses
 import logging
-import math
 import os
-import re
 import stat
 import tempfile
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
 
 from .errors import DuplicatePostIdError, NoUsablePostsError, PostsSchemaError
-from .fetch import DEFAULT_TIMEOUT, DEFAULT_WORKERS, FETCH_REASONS, DownloadCache, Fetcher, FetchResult
-from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, probe_image
+from .fetch import FETCH_REASONS, FetchConfig, Fetcher
+from .image_refs import (
+    Downloads,
+    ImageContext,
+    ImageRef,
+    _RowReject,
+    content_key,
+    image_root_hints,
+    remote_url,
+    resolve_images,
+)
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = [
     "CAPTION_KINDS",
@@ -57,10 +61,20 @@ __all__ = [
     "posts_from_records",
     "read_posts",
 ]
+from .posts_readers import (
+    REQUIRED_COLUMNS,
+    Loaded,
+    Reject,
+    is_pandas_frame,
+    load_file,
+    load_pandas,
+    load_polars,
+    load_records,
+    to_text,
+)
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS: tuple[str, ...] = ("post_id", "image", "text")
 KNOWN_COLUMNS: tuple[str, ...] = ("lang", "caption_kind", "split", "timestamp")
 CAPTION_KINDS: tuple[str, ...] = ("descriptive", "commentative")
 #: Columns computed by read_posts; if an input already has them (a saved Posts.table), they are recomputed.
@@ -106,22 +120,6 @@ REJECTS_SCHEMA: dict[str, pl.DataType] = {
 
 CheckImages = Literal["none", "header", "full"]
 OnDuplicate = Literal["reject", "keep_first", "error"]
-
-_FULL_CHECK_TARGET = 256  # "full" checks decode JPEGs at reduced size: same errors, far less memory
-_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_DATA_URL_RE = re.compile(r"^data:[A-Za-z0-9.+-]*(?:/[A-Za-z0-9.+-]*)?[;,]", re.IGNORECASE)
-_DOWNLOADED = ("http", "https")
-_SURROGATE_RE = re.compile("[\udc80-\udcff]")
-_SUFFIXES = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-}
 
 
 def _empty_rejects() -> pl.DataFrame:
@@ -308,653 +306,6 @@ class Posts:
 
 
 # ==============================================================================================================
-# Loading sources into a common intermediate form
-
-
-@dataclass
-class _Reject:
-    row: int
-    post_id: str | None
-    column: str | None
-    reason: str
-    detail: str
-
-
-@dataclass
-class _Loaded:
-    """A source parsed into columns: ``frame`` holds every column but the image column (plus ``row``);
-    ``images`` holds the image values (any Python objects) aligned with ``frame``."""
-
-    columns: list[str]  # source columns, in source order (including the image column)
-    frame: pl.DataFrame
-    images: list[Any] | None
-    rejects: list[_Reject]
-    n_rows: int
-    strings_only: bool = False  # text formats: metadata types are inferred afterwards
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return type(value).__name__ in ("NAType", "NaTType")
-
-
-def _to_text(value: Any) -> str | None:
-    """Stringify a scalar for a String column (None stays None)."""
-    if _is_missing(value):
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False, default=str)
-    return str(value)
-
-
-def _series(name: str, values: list[Any]) -> pl.Series:
-    """A Series from Python values; falls back to strings when the values have mixed types."""
-    try:
-        series = pl.Series(name, values, strict=True)
-        if series.dtype != pl.Object:
-            return series
-    except Exception:  # polars raises several types for mixed values
-        pass
-    return pl.Series(name, [_to_text(v) for v in values], dtype=pl.String)
-
-
-def _attach_rows(columns: pl.DataFrame | list[pl.Series], rows: Sequence[int]) -> pl.DataFrame:
-    """Add the internal source-row column (works for frames without any other column too)."""
-    row_series = pl.Series("__row__", list(rows), dtype=pl.Int64)
-    frame = columns if isinstance(columns, pl.DataFrame) else pl.DataFrame(columns)
-    return frame.with_columns(row_series) if frame.width else pl.DataFrame([row_series])
-
-
-def _load_records(
-    records: Iterable[dict[str, Any]], rows: Sequence[int] | None, image_column: str
-) -> _Loaded:
-    records = list(records)
-    for record in records:
-        if not isinstance(record, dict):
-            raise TypeError(f"records must be dicts (one per post), got {type(record).__name__}")
-    records = [
-        r if all(isinstance(k, str) for k in r) else {str(k): v for k, v in r.items()} for r in records
-    ]
-    if rows is None:
-        rows = range(len(records))
-    columns: dict[str, None] = {}
-    for record in records:
-        for key in record:
-            columns.setdefault(key, None)
-    names = list(columns)
-    data = {name: [record.get(name) for record in records] for name in names if name != image_column}
-    images = [record.get(image_column) for record in records] if image_column in columns else None
-    frame = _attach_rows([_series(name, values) for name, values in data.items()], rows)
-    return _Loaded(columns=names, frame=frame, images=images, rejects=[], n_rows=len(records))
-
-
-def _load_polars(frame: pl.DataFrame, image_column: str) -> _Loaded:
-    names = list(frame.columns)
-    n_rows = frame.height
-    images = None
-    if image_column in names:
-        column = frame[image_column]
-        if column.dtype == pl.Categorical or column.dtype == pl.Enum:
-            column = column.cast(pl.String)
-        images = column.to_list()
-        frame = frame.drop(image_column)
-    return _Loaded(
-        columns=names,
-        frame=_attach_rows(frame, range(n_rows)),
-        images=images,
-        rejects=[],
-        n_rows=n_rows,
-    )
-
-
-def _is_pandas_frame(obj: Any) -> bool:
-    return type(obj).__name__ == "DataFrame" and type(obj).__module__.split(".")[0] == "pandas"
-
-
-def _load_pandas(frame: Any, image_column: str) -> _Loaded:
-    names = [str(c) for c in frame.columns]
-    if len(set(names)) != len(names):
-        raise PostsSchemaError(f"duplicate column names in the pandas frame: {names}")
-    frame = frame.copy(deep=False)
-    frame.columns = names
-    images = frame[image_column].tolist() if image_column in names else None
-    rest = frame.drop(columns=[image_column]) if images is not None else frame
-    try:
-        converted = pl.from_pandas(rest)
-    except Exception:  # mixed object columns: convert column by column
-        converted = pl.DataFrame(
-            [
-                _series(name, [None if _is_missing(v) else v for v in rest[name].tolist()])
-                for name in rest.columns
-            ]
-        )
-    return _Loaded(
-        columns=names,
-        frame=_attach_rows(converted, range(len(frame))),
-        images=images,
-        rejects=[],
-        n_rows=len(frame),
-    )
-
-
-def _decode_lenient(raw: bytes, encoding: str) -> tuple[str, list[int], list[int]]:
-    """Decode ``raw`` (dropping a UTF-8 BOM); undecodable bytes become lone surrogates (U+DC80..U+DCFF).
-
-    Returns
-    -------
-    text, byte_offsets, line_numbers
-        Byte offsets in ``raw`` and 1-based line numbers of every undecodable byte, in file order.
-    """
-    codec = codecs.lookup(encoding).name
-    bom = 0
-    if codec == "utf-8" and raw.startswith(codecs.BOM_UTF8):
-        bom = len(codecs.BOM_UTF8)
-    body = raw[bom:]
-    try:
-        return body.decode(encoding), [], []
-    except UnicodeDecodeError:
-        pass
-    text = body.decode(encoding, "surrogateescape")
-    offsets: list[int] = []
-    lines: list[int] = []
-    byte_pos, char_pos, line = bom, 0, 1
-    for match in _SURROGATE_RE.finditer(text):
-        chunk = text[char_pos : match.start()]
-        byte_pos += len(chunk.encode(encoding, "surrogateescape"))
-        line += chunk.count("\n")
-        offsets.append(byte_pos)
-        lines.append(line)
-        byte_pos += 1
-        char_pos = match.end()
-    return text, offsets, lines
-
-
-class _FieldLimit:
-    """Temporarily lift the csv module's per-field size limit (long posts, unbalanced quotes)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.previous = 0
-
-    def __enter__(self) -> None:
-        self.previous = csv.field_size_limit()
-        csv.field_size_limit(max(self.previous, self.limit))
-
-    def __exit__(self, *exc: object) -> None:
-        csv.field_size_limit(self.previous)
-
-
-def _load_delimited(
-    path: Path, *, delimiter: str, encoding: str, id_column: str, image_column: str
-) -> _Loaded:
-    raw = path.read_bytes()
-    text, bad_offsets, bad_lines = _decode_lenient(raw, encoding)
-    has_bad = bool(bad_offsets)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=False)
-    header: list[str] | None = None
-    rows_out: list[int] = []
-    cells_out: list[list[str]] = []
-    rejects: list[_Reject] = []
-    bad_seen = 0  # undecodable bytes consumed so far (in file order)
-    row = -1
-    id_index = None
-    with _FieldLimit(max(len(text), 1) + 1):
-        for cells in reader:
-            if not cells or (len(cells) == 1 and not cells[0].strip()):
-                continue  # blank line (surrogates are not whitespace, so no undecodable bytes here)
-            n_bad = sum(len(_SURROGATE_RE.findall(c)) for c in cells) if has_bad else 0
-            if header is None:
-                if n_bad:
-                    raise PostsSchemaError(
-                        f"{path}: the header has bytes that are not valid {encoding} at byte offset "
-                        f"{bad_offsets[0]} (line {bad_lines[0]}); pass the right encoding=..."
-                    )
-                header = [c.strip() or f"column_{i}" for i, c in enumerate(cells)]
-                if len(set(header)) != len(header):
-                    dupes = sorted({h for h in header if header.count(h) > 1})
-                    raise PostsSchemaError(f"{path}: duplicate column names in the header: {dupes}")
-                id_index = header.index(id_column) if id_column in header else None
-                continue
-            row += 1
-            post_id = cells[id_index] if id_index is not None and id_index < len(cells) else None
-            if post_id is not None:
-                post_id = _SURROGATE_RE.sub("\ufffd", post_id) or None
-            if n_bad:
-                column = next(
-                    header[i] if i < len(header) else f"field_{i}"
-                    for i, c in enumerate(cells)
-                    if _SURROGATE_RE.search(c)
-                )
-                offset, line = bad_offsets[bad_seen], bad_lines[bad_seen]
-                bad_seen += n_bad
-                rejects.append(
-                    _Reject(
-                        row,
-                        post_id,
-                        column,
-                        "undecodable_text",
-                        f"byte offset {offset} (line {line}) is not valid {encoding} "
-                        f"(column {column!r}); fix the file or pass encoding=...",
-                    )
-                )
-                continue
-            if len(cells) != len(header):
-                rejects.append(
-                    _Reject(
-                        row,
-                        post_id,
-                        None,
-                        "malformed_row",
-                        f"expected {len(header)} fields, found {len(cells)} "
-                        "(an unquoted separator or an unbalanced quote?)",
-                    )
-                )
-                continue
-            rows_out.append(row)
-            cells_out.append(cells)
-    if header is None:
-        raise PostsSchemaError(
-            f"{path}: the file is empty (no header row); expected columns {list(REQUIRED_COLUMNS)}"
-        )
-    data = {name: [c[i] or None for c in cells_out] for i, name in enumerate(header) if name != image_column}
-    images = None
-    if image_column in header:
-        image_index = header.index(image_column)
-        images = [c[image_index] or None for c in cells_out]
-    frame = _attach_rows(
-        [pl.Series(name, values, dtype=pl.String) for name, values in data.items()], rows_out
-    )
-    return _Loaded(
-        columns=header, frame=frame, images=images, rejects=rejects, n_rows=row + 1, strings_only=True
-    )
-
-
-def _load_jsonl(path: Path, *, encoding: str, id_column: str, image_column: str) -> _Loaded:
-    raw = path.read_bytes()
-    if codecs.lookup(encoding).name == "utf-8" and raw.startswith(codecs.BOM_UTF8):
-        raw = b"   " + raw[3:]  # keep byte offsets
-    records: list[dict[str, Any]] = []
-    rows: list[int] = []
-    rejects: list[_Reject] = []
-    offset = 0
-    row = -1
-    for line_no, line in enumerate(raw.split(b"\n"), start=1):
-        start = offset
-        offset += len(line) + 1
-        if not line.strip():
-            continue
-        row += 1
-        try:
-            text = line.decode(encoding)
-        except UnicodeDecodeError as exc:
-            post_id = None
-            try:
-                obj = json.loads(line.decode(encoding, "replace"))
-                post_id = _to_text(obj.get(id_column)) if isinstance(obj, dict) else None
-            except ValueError:
-                pass
-            rejects.append(
-                _Reject(
-                    row,
-                    post_id,
-                    None,
-                    "undecodable_text",
-                    f"byte offset {start + exc.start} (line {line_no}) is not valid {encoding}; "
-                    "fix the file or pass encoding=...",
-                )
-            )
-            continue
-        try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            rejects.append(_Reject(row, None, None, "malformed_row", f"line {line_no}: invalid JSON: {exc}"))
-            continue
-        if not isinstance(obj, dict):
-            rejects.append(
-                _Reject(
-                    row,
-                    None,
-                    None,
-                    "malformed_row",
-                    f"line {line_no}: expected a JSON object, got {type(obj).__name__}",
-                )
-            )
-            continue
-        records.append(obj)
-        rows.append(row)
-    loaded = _load_records(records, rows, image_column)
-    loaded.rejects = rejects
-    loaded.n_rows = row + 1
-    return loaded
-
-
-def _load_json(path: Path, *, encoding: str, id_column: str, image_column: str) -> _Loaded:
-    raw = path.read_bytes()
-    if raw.lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"["):
-        try:
-            data = json.loads(raw.decode(encoding).lstrip("\ufeff"))
-        except UnicodeDecodeError as exc:
-            raise ValueError(
-                f"{path}: byte offset {exc.start} is not valid {encoding}; a JSON array is read as a whole, "
-                "so fix the file or write it as JSON Lines (.jsonl) to have single bad rows rejected"
-            ) from None
-        except ValueError as exc:
-            raise ValueError(f"{path}: invalid JSON: {exc}") from None
-        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-            raise PostsSchemaError(f"{path}: expected a JSON array of objects (one per post)")
-        return _load_records(data, None, image_column)
-    return _load_jsonl(path, encoding=encoding, id_column=id_column, image_column=image_column)
-
-
-def _load_file(path: Path, *, encoding: str, id_column: str, image_column: str) -> _Loaded:
-    kind = _SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(_SUFFIXES)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"posts file not found: {path}")
-    if kind in ("csv", "tsv"):
-        delimiter = "," if kind == "csv" else "\t"
-        return _load_delimited(
-            path, delimiter=delimiter, encoding=encoding, id_column=id_column, image_column=image_column
-        )
-    if kind == "parquet":
-        return _load_polars(pl.read_parquet(path), image_column)
-    if kind == "json":
-        return _load_json(path, encoding=encoding, id_column=id_column, image_column=image_column)
-    return _load_jsonl(path, encoding=encoding, id_column=id_column, image_column=image_column)
-
-
-# ==============================================================================================================
-# Image references
-
-
-class _RowReject(Exception):
-    """Internal: one image reference failed (carried out of worker threads as a value, not raised across)."""
-
-    def __init__(self, reason: str, detail: str, path: str | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.path = path  # for outside_image_root: the absolute path that lies outside
-
-
-@dataclass(frozen=True)
-class _ImageRef:
-    image: str  # the reference as given, or "<bytes:N>"
-    path: str | None
-    data: bytes | None
-    key: str
-
-
-@dataclass
-class _ImageContext:
-    base: str  # folder that relative paths are joined to (image_root, or the cwd)
-    root: str | None  # image_root, absolute and normalized (not symlink-resolved)
-    root_real: str | None  # image_root with symlinks resolved
-    allow_outside: bool
-    check: str
-    max_pixels: int
-    max_bytes: int
-    dir_cache: dict[str, str] = field(default_factory=dict)
-    # http(s) URL -> its download, fetched for the whole table before the per-row checks
-    downloads: dict[str, FetchResult] = field(default_factory=dict)
-    fetcher: Fetcher | None = None
-
-
-_DECODE_REASONS = {
-    "missing": "missing_image",
-    "empty": "empty_image",
-    "too_large_bytes": "too_large_image",
-    "too_large_pixels": "too_large_image",
-    "corrupt": "corrupt_image",
-    "truncated": "truncated_image",
-    "unsupported": "unsupported_image",
-}
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
-
-
-def _key(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-# Results of image checks keyed by (image_key, check, limits): re-reading the same table (a notebook cell run
-# again) does not decode every header again. Bounded; cleared when full.
-_CHECK_CACHE: dict[tuple[str, str, int, int], tuple[str, str] | None] = {}
-_CHECK_CACHE_MAX = 500_000
-
-
-def _resolve_remote_image(url: str, scheme: str, original: str, ctx: _ImageContext) -> _ImageRef:
-    """The image of a URL: ``http(s)`` bodies were downloaded before (``ctx.downloads``); other schemes fail.
-
-    The row keeps the URL in ``image``; ``image_path`` is the cached body, which every consumer decodes like any
-    local file, and ``image_key`` is the body's content hash (so the same image under two URLs, or as bytes,
-    is embedded once).
-    """
-    if scheme not in _DOWNLOADED:
-        raise _RowReject(
-            "unsupported_url_scheme",
-            f"{url!r} is a {scheme}:// URL; only http and https URLs are downloaded: fetch it yourself and put "
-            "a local path (relative to image_root) or the image bytes in the image column",
-        )
-    result = ctx.downloads.get(url)
-    if result is None:  # not collected up front (cannot happen through read_posts); fetch it now
-        if ctx.fetcher is None:
-            ctx.fetcher = Fetcher()
-        result = ctx.downloads[url] = ctx.fetcher.fetch(url)
-    if not result.ok:
-        raise _RowReject(result.reason or "connection_error", result.detail)
-    assert result.path is not None and result.key is not None
-    if ctx.check == "none" and result.size > ctx.max_bytes:
-        raise _RowReject("too_large_image", f"{url}: {result.size} bytes exceeds max_bytes={ctx.max_bytes}")
-    try:
-        _check_decodable(str(result.path), result.key, ctx)
-    except _RowReject as reject:
-        raise _RowReject(
-            reject.reason,
-            f"{url} (downloaded to {result.path}): {reject.detail}; the server sent a bad image",
-        ) from None
-    return _ImageRef(image=original, path=str(result.path), data=None, key=result.key)
-
-
-def _remote_url(value: Any) -> str | None:
-    """The stripped URL when ``value`` is an http(s) URL string (the values read_posts downloads), else None."""
-    if not isinstance(value, str):
-        return None
-    ref = value.strip()
-    match = _URL_RE.match(ref)
-    if match and match.group(1).lower() in _DOWNLOADED:
-        return ref
-    return None
-
-
-def _check_decodable(source: str | bytes, key: str, ctx: _ImageContext) -> None:
-    """Run the header/full check (cached by content key); raise _RowReject on failure."""
-    if ctx.check == "none":
-        return
-    cache_key = (key, ctx.check, ctx.max_pixels, ctx.max_bytes)
-    if cache_key in _CHECK_CACHE:
-        failure = _CHECK_CACHE[cache_key]
-    else:
-        failure = None
-        try:
-            if ctx.check == "header":
-                probe_image(source, max_pixels=ctx.max_pixels, max_bytes=ctx.max_bytes)
-            else:
-                load_image(
-                    source, target_size=_FULL_CHECK_TARGET, max_pixels=ctx.max_pixels, max_bytes=ctx.max_bytes
-                )
-        except ImageDecodeError as exc:
-            failure = (_DECODE_REASONS.get(exc.reason, f"{exc.reason}_image"), str(exc))
-        if len(_CHECK_CACHE) >= _CHECK_CACHE_MAX:
-            _CHECK_CACHE.clear()
-        _CHECK_CACHE[cache_key] = failure
-    if failure is not None:
-        raise _RowReject(*failure)
-
-
-def _resolve_bytes(value: bytes | bytearray | memoryview, ctx: _ImageContext) -> _ImageRef:
-    data = bytes(value)
-    if not data:
-        raise _RowReject("empty_image", "the image bytes are empty")
-    if ctx.check == "none" and len(data) > ctx.max_bytes:
-        raise _RowReject("too_large_image", f"{len(data)} bytes exceeds max_bytes={ctx.max_bytes}")
-    key = _key(data)
-    _check_decodable(data, key, ctx)
-    return _ImageRef(image=f"<bytes:{len(data)}>", path=None, data=data, key=key)
-
-
-def _real_dir(folder: str, ctx: _ImageContext) -> str:
-    real = ctx.dir_cache.get(folder)
-    if real is None:
-        real = os.path.realpath(folder)
-        ctx.dir_cache[folder] = real
-    return real
-
-
-_POSIX = os.sep == "/" and os.altsep is None
-
-
-def _lexical_path(ref: str, base: str) -> tuple[str, bool]:
-    """Absolute, normalized path of ``ref`` (joined to ``base`` when relative), and whether it was absolute."""
-    if _POSIX:
-        is_absolute = ref[0] == "/"
-        if not is_absolute and "/." not in ref and "//" not in ref and ref[0] != "." and ref[-1] != "/":
-            return base + ref if base[-1] == "/" else base + "/" + ref, False  # already normal (hot path)
-    else:
-        is_absolute = os.path.isabs(ref)
-    return os.path.normpath(ref if is_absolute else os.path.join(base, ref)), is_absolute
-
-
-def _resolve_path(ref: str, original: str, ctx: _ImageContext) -> _ImageRef:
-    lexical, is_absolute = _lexical_path(ref, ctx.base)
-    root, root_real = ctx.root, ctx.root_real
-    check_root = root is not None and root_real is not None and not ctx.allow_outside
-    if check_root and not (_within(lexical, root) or _within(lexical, root_real)):  # type: ignore[arg-type]
-        how = "is an absolute path" if is_absolute else "climbs out with '..'"
-        raise _RowReject(
-            "outside_image_root",
-            f"{original!r} {how} outside image_root {root}; move the image under image_root or pass "
-            "allow_outside_root=True if you trust the table",
-            path=lexical,
-        )
-    if _POSIX:
-        cut = lexical.rfind("/")
-        folder, name = lexical[:cut] or "/", lexical[cut + 1 :]
-    else:
-        folder, name = os.path.split(lexical)
-    real_folder = _real_dir(folder, ctx)
-    joined = real_folder + name if real_folder.endswith(os.sep) else real_folder + os.sep + name
-    if check_root and not _within(joined, root_real):  # type: ignore[arg-type]
-        raise _RowReject(
-            "outside_image_root",
-            f"{original!r} goes through a symlinked folder to {joined}, outside image_root {root_real}",
-        )
-    real = joined
-    try:
-        info = os.lstat(joined)
-        if stat.S_ISLNK(info.st_mode):
-            real = os.path.realpath(joined)
-            if check_root and not _within(real, root_real):  # type: ignore[arg-type]
-                raise _RowReject(
-                    "outside_image_root",
-                    f"{original!r} is a symlink to {real}, outside image_root {root_real}",
-                )
-            info = os.stat(real)
-    except (FileNotFoundError, NotADirectoryError):
-        raise _RowReject("missing_image", f"file not found: {real} (image {original!r})") from None
-    except PermissionError as exc:
-        raise _RowReject("unreadable_image", f"cannot access {real}: {exc.strerror}") from None
-    except OSError as exc:  # symlink loops, names too long, ...
-        raise _RowReject("missing_image", f"cannot access {real}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise _RowReject("missing_image", f"{real} is not a regular file (a folder?)")
-    try:
-        identity = f"{real}\0{info.st_size}\0{info.st_mtime_ns}".encode()
-    except UnicodeEncodeError:
-        raise _RowReject("bad_image_reference", f"the path {real!r} is not valid UTF-8") from None
-    if info.st_size == 0:
-        raise _RowReject("empty_image", f"{real} is an empty (zero-byte) file")
-    if ctx.check == "none" and info.st_size > ctx.max_bytes:
-        raise _RowReject("too_large_image", f"{real}: {info.st_size} bytes exceeds max_bytes={ctx.max_bytes}")
-    key = _key(identity)
-    _check_decodable(real, key, ctx)
-    return _ImageRef(image=original, path=real, data=None, key=key)
-
-
-def _resolve_image(value: Any, ctx: _ImageContext) -> _ImageRef | _RowReject:
-    """Resolve one image value; failures are returned (not raised) so worker threads never raise."""
-    try:
-        if _is_missing(value):
-            raise _RowReject("missing_image", "no image reference (null)")
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return _resolve_bytes(value, ctx)
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str):
-            raise _RowReject(
-                "bad_image_reference",
-                f"expected a path, URL or bytes, got {type(value).__name__}: {str(value)[:80]!r}",
-            )
-        ref = value.strip()
-        if not ref:
-            raise _RowReject("missing_image", "no image reference (empty string)")
-        if _DATA_URL_RE.match(ref):
-            raise _RowReject(
-                "unsupported_url_scheme",
-                f"{ref[:40]!r}... is a data: URL; decode it and put the image bytes in the image column",
-            )
-        match = _URL_RE.match(ref)
-        if match:
-            scheme = match.group(1).lower()
-            if scheme != "file":
-                return _resolve_remote_image(ref, scheme, value, ctx)
-            parsed = urllib.parse.urlparse(ref)
-            if parsed.netloc not in ("", "localhost"):
-                raise _RowReject("bad_image_reference", f"{ref!r} names a remote host; use a local path")
-            ref = urllib.request.url2pathname(parsed.path)
-        return _resolve_path(ref, value, ctx)
-    except _RowReject as reject:
-        return reject
-
-
-def _image_root_hints(
-    resolved: list[_ImageRef | _RowReject], root: str | None, explicit: bool
-) -> tuple[str, ...]:
-    """When no local image path lies under the image root, say which root would admit them all."""
-    outside = [r.path for r in resolved if isinstance(r, _RowReject) and r.path is not None]
-    if not outside or any(isinstance(r, _ImageRef) and r.path is not None for r in resolved):
-        return ()
-    parent = os.path.commonpath([os.path.dirname(p) for p in outside])
-    which = "the given image_root" if explicit else "the default image_root (the posts table's folder)"
-    return (
-        f"all {len(outside)} local image paths lie outside {which} {root}; pass image_root={parent!r} "
-        f"(ccclip: --image-root {parent}), their common parent, to admit them",
-    )
-
-
-def _resolve_images(values: list[Any], ctx: _ImageContext, n_workers: int) -> list[_ImageRef | _RowReject]:
-    """Resolve all image values, in order, using a thread pool for the file system and header reads."""
-    if n_workers <= 1 or len(values) < 64:
-        return [_resolve_image(v, ctx) for v in values]
-    chunk = max(16, min(512, len(values) // (n_workers * 4) + 1))
-    chunks = [values[i : i + chunk] for i in range(0, len(values), chunk)]
-
-    def work(part: list[Any]) -> list[_ImageRef | _RowReject]:
-        return [_resolve_image(v, ctx) for v in part]
-
-    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="ccclip-posts") as pool:
-        return list(chain.from_iterable(pool.map(work, chunks)))
-
-
-# ==============================================================================================================
 # Validation
 
 
@@ -968,7 +319,7 @@ def _as_text_list(series: pl.Series) -> list[str | None]:
         return [None if v is None else v.decode("utf-8", "replace") for v in series.to_list()]
     if series.dtype in (pl.String, pl.Null) or series.dtype.is_numeric() or series.dtype == pl.Categorical:
         return series.cast(pl.String).to_list()
-    return [_to_text(v) for v in series.to_list()]
+    return [to_text(v) for v in series.to_list()]
 
 
 def _texts_as_text(series: pl.Series, encoding: str) -> tuple[list[str | None], dict[int, str]]:
@@ -988,7 +339,7 @@ def _texts_as_text(series: pl.Series, encoding: str) -> tuple[list[str | None], 
         return out, bad
     if series.dtype in (pl.String, pl.Null) or series.dtype.is_numeric() or series.dtype == pl.Categorical:
         return series.cast(pl.String).to_list(), bad
-    return [_to_text(v) for v in series.to_list()], bad
+    return [to_text(v) for v in series.to_list()], bad
 
 
 def _infer_metadata_types(frame: pl.DataFrame, columns: Iterable[str]) -> pl.DataFrame:
@@ -1021,7 +372,7 @@ def _parse_timestamps(series: pl.Series) -> pl.Series:
 
 
 def _prepare_columns(
-    loaded: _Loaded, *, id_column: str, text_column: str, image_column: str, source: str
+    loaded: Loaded, *, id_column: str, text_column: str, image_column: str, source: str
 ) -> tuple[pl.DataFrame, list[Any]]:
     """Check required columns, rename to the canonical names, drop derived columns."""
     present = loaded.columns
@@ -1064,6 +415,7 @@ def _prepare_columns(
 def read_posts(
     source: str | os.PathLike[str] | pl.DataFrame | pl.LazyFrame | Any,
     image_root: str | os.PathLike[str] | None = None,
+    fetcher: Fetcher | FetchConfig | None = None,
     *,
     check_images: CheckImages = "header",
     text_column: str = "text",
@@ -1075,14 +427,8 @@ def read_posts(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     n_workers: int | None = None,
-    network: bool | None = None,
-    download_cache: str | os.PathLike[str] | DownloadCache | None = None,
-    max_download_bytes: int | None = None,
-    download_workers: int = DEFAULT_WORKERS,
-    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
-    retries: int = 3,
-    fetcher: Fetcher | None = None,
     show_progress: bool = True,
+    **download: Any,
 ) -> Posts:
     """Read and validate a posts table.
 
@@ -1114,28 +460,19 @@ def read_posts(
         Image size limits for the header/full checks.
     n_workers
         Threads for the image checks (default: ``min(32, cpu_count + 4)``).
-    network
-        Whether ``http(s)`` image URLs may be downloaded. ``None`` (default): yes, unless the environment
-        variable ``CCCLIP_OFFLINE`` is ``1``/``true``/``yes``/``on``; ``False``: air-gapped, no connection is
-        ever opened; URLs already in the download cache are still used (verified local copies), every other
-        URL is rejected with ``network_disabled``.
-    download_cache
-        Folder (or :class:`~ccclip_widgets.fetch.DownloadCache`) for downloaded images (default:
-        ``<toolkit cache>/downloads``, i.e. ``$CCCLIP_CACHE/downloads``). Bodies are stored once by content
-        hash; a URL is never downloaded twice, across runs too.
-    max_download_bytes
-        Size cap per downloaded image (default: ``max_bytes``); larger bodies are cut off and rejected
-        (``too_large_image``).
-    download_workers
-        Concurrent downloads.
-    timeout
-        Download timeouts in seconds: one number, or ``(connect, read)``.
-    retries
-        Extra attempts per URL after transient failures (connection errors, timeouts, 429 and 5xx answers),
-        with exponential back-off; 404/403/410 are never retried.
     fetcher
-        A configured :class:`~ccclip_widgets.fetch.Fetcher` (back-off, redirects, proxies, ...); when given, the
-        download arguments above are ignored.
+        How ``http(s)`` image URLs are downloaded: a :class:`~ccclip_widgets.fetch.FetchConfig` (e.g.
+        ``FetchConfig(network=False)`` for air-gapped use: no connection is ever opened, URLs already in the
+        download cache are still used, every other URL is rejected with ``network_disabled``), or a configured
+        :class:`~ccclip_widgets.fetch.Fetcher` to share one across calls. Default: ``FetchConfig()``; the
+        network is on unless ``CCCLIP_OFFLINE`` is ``1``/``true``/``yes``/``on``, downloads land in
+        ``$CCCLIP_CACHE/downloads`` (stored once by content hash, never downloaded twice), the size cap is
+        ``max_bytes``.
+    **download
+        The earlier spelling of the same settings, still accepted: ``network``, ``download_cache``,
+        ``max_download_bytes``, ``download_workers``, ``timeout``, ``retries`` (the fields ``network``,
+        ``cache``, ``max_bytes``, ``workers``, ``timeout``, ``retries`` of ``FetchConfig``). Not together with
+        a ``Fetcher``.
     show_progress
         Show a progress bar while downloading image URLs.
 
@@ -1175,20 +512,20 @@ def read_posts(
     default_root: Path | None = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
-        loaded = _load_file(path, encoding=encoding, **kw)
+        loaded = load_file(path, encoding=encoding, **kw)
         description = str(path)
         default_root = path.resolve().parent
     elif isinstance(source, pl.LazyFrame):
-        loaded = _load_polars(source.collect(), image_column)
+        loaded = load_polars(source.collect(), image_column)
         description = "polars.LazyFrame"
     elif isinstance(source, pl.DataFrame):
-        loaded = _load_polars(source, image_column)
+        loaded = load_polars(source, image_column)
         description = f"polars.DataFrame ({source.height} rows)"
-    elif _is_pandas_frame(source):
-        loaded = _load_pandas(source, image_column)
+    elif is_pandas_frame(source):
+        loaded = load_pandas(source, image_column)
         description = f"pandas.DataFrame ({len(source)} rows)"
     elif isinstance(source, list):
-        loaded = _load_records(source, None, image_column)
+        loaded = load_records(source, None, image_column)
         description = f"records ({len(source)})"
     else:
         raise TypeError(
@@ -1210,48 +547,43 @@ def read_posts(
         max_pixels=max_pixels,
         max_bytes=max_bytes,
         n_workers=n_workers if n_workers is not None else min(32, (os.cpu_count() or 1) + 4),
-        downloads=_Downloads(
-            fetcher=fetcher,
-            options={
-                "cache": download_cache,
-                "network": network,
-                "workers": download_workers,
-                "timeout": timeout,
-                "retries": retries,
-                "max_bytes": max_download_bytes if max_download_bytes is not None else max_bytes,
-            },
+        downloads=Downloads(
+            fetcher=_fetcher_from(fetcher, download, max_bytes),
             show_progress=show_progress,
         ),
     )
 
 
-@dataclass
-class _Downloads:
-    """How read_posts downloads http(s) image URLs: a given Fetcher, or the options to build one."""
+#: read_posts' earlier download keywords -> FetchConfig fields
+_DOWNLOAD_KEYWORDS = {
+    "network": "network",
+    "download_cache": "cache",
+    "max_download_bytes": "max_bytes",
+    "download_workers": "workers",
+    "timeout": "timeout",
+    "retries": "retries",
+}
 
-    fetcher: Fetcher | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    show_progress: bool = False
 
-    def fetch(self, urls: list[str], source: str) -> tuple[dict[str, FetchResult], Fetcher]:
-        fetcher = self.fetcher if self.fetcher is not None else Fetcher(**self.options)
-        try:
-            results = fetcher.fetch_many(urls, show_progress=self.show_progress)
-        finally:
-            if self.fetcher is None:
-                fetcher.close()
-        n_cached = sum(r.from_cache for r in results.values())
-        n_failed = sum(not r.ok for r in results.values())
-        logger.info(
-            "%s: %d distinct image URLs: %d from the download cache (%s), %d downloaded, %d failed",
-            source,
-            len(results),
-            n_cached,
-            fetcher.cache.root,
-            len(results) - n_cached - n_failed,
-            n_failed,
-        )
-        return results, fetcher
+def _fetcher_from(
+    fetcher: Fetcher | FetchConfig | None, download: dict[str, Any], max_bytes: int
+) -> Fetcher | FetchConfig:
+    """One Fetcher or FetchConfig from read_posts' ``fetcher`` and its earlier download keywords."""
+    unknown = sorted(set(download) - set(_DOWNLOAD_KEYWORDS))
+    if unknown:
+        raise TypeError(f"read_posts() got unexpected keyword arguments: {', '.join(unknown)}")
+    if isinstance(fetcher, Fetcher):
+        if download:
+            raise TypeError(f"pass {sorted(download)} to the Fetcher, not beside it")
+        return fetcher
+    if fetcher is not None and not isinstance(fetcher, FetchConfig):
+        raise TypeError(f"fetcher must be a Fetcher or a FetchConfig, got {type(fetcher).__name__}")
+    config = fetcher or FetchConfig()
+    changes = {_DOWNLOAD_KEYWORDS[k]: v for k, v in download.items() if v is not None or k == "network"}
+    config = dataclasses.replace(config, **changes)
+    if config.max_bytes is None:
+        config = dataclasses.replace(config, max_bytes=max_bytes)
+    return config
 
 
 def posts_from_records(
@@ -1277,7 +609,7 @@ def posts_from_records(
 
 
 def _validate(
-    loaded: _Loaded,
+    loaded: Loaded,
     *,
     source: str,
     image_root: Path | None,
@@ -1292,7 +624,7 @@ def _validate(
     max_pixels: int,
     max_bytes: int,
     n_workers: int,
-    downloads: _Downloads | None = None,
+    downloads: Downloads | None = None,
 ) -> Posts:
     frame, images = _prepare_columns(
         loaded, id_column=id_column, text_column=text_column, image_column=image_column, source=source
@@ -1311,12 +643,12 @@ def _validate(
     rows: list[int] = frame["__row__"].to_list()
     ids = _as_text_list(frame["post_id"])
     texts, bad_texts = _texts_as_text(frame["text"], encoding)
-    rejects: list[_Reject] = list(loaded.rejects)
+    rejects: list[Reject] = list(loaded.rejects)
     ok = [True] * n
 
     def reject(i: int, column: str | None, reason: str, detail: str) -> None:
         ok[i] = False
-        rejects.append(_Reject(rows[i], ids[i], column, reason, detail))
+        rejects.append(Reject(rows[i], ids[i], column, reason, detail))
 
     first_row: dict[str, int] = {}
     duplicates: list[int] = []
@@ -1358,7 +690,7 @@ def _validate(
                 )
         caption_kind = pl.Series("caption_kind", values, dtype=pl.String)
 
-    ctx = _ImageContext(
+    ctx = ImageContext(
         base=base,
         root=root_abs,
         root_real=root_real,
@@ -1367,18 +699,18 @@ def _validate(
         max_pixels=max_pixels,
         max_bytes=max_bytes,
     )
-    urls = list(dict.fromkeys(url for url in map(_remote_url, images) if url is not None))
+    urls = list(dict.fromkeys(url for url in map(remote_url, images) if url is not None))
     if urls:
-        ctx.downloads, ctx.fetcher = (downloads or _Downloads()).fetch(urls, source)
-    resolved = _resolve_images(images, ctx, n_workers)
+        ctx.downloads, ctx.fetcher = (downloads or Downloads()).fetch(urls, source)
+    resolved = resolve_images(images, ctx, n_workers)
     for i, ref in enumerate(resolved):
         if isinstance(ref, _RowReject):
             reject(i, "image", ref.reason, ref.detail)
-    hints = _image_root_hints(resolved, root_abs, explicit_root)
+    hints = image_root_hints(resolved, root_abs, explicit_root)
 
     keep = [i for i in range(n) if ok[i]]
     refs = [resolved[i] for i in keep]
-    assert all(isinstance(r, _ImageRef) for r in refs)
+    assert all(isinstance(r, ImageRef) for r in refs)
     kept_texts = [texts[i] for i in keep]
     table = pl.DataFrame(
         [
@@ -1388,7 +720,7 @@ def _validate(
             pl.Series("image_bytes", [r.data for r in refs], dtype=pl.Binary),  # type: ignore[union-attr]
             pl.Series("text", kept_texts, dtype=pl.String),
             pl.Series("image_key", [r.key for r in refs], dtype=pl.String),  # type: ignore[union-attr]
-            pl.Series("text_key", [_key(t.encode()) for t in kept_texts], dtype=pl.String),  # type: ignore[union-attr]
+            pl.Series("text_key", [content_key(t.encode()) for t in kept_texts], dtype=pl.String),  # type: ignore[union-attr]
             pl.Series("row", [rows[i] for i in keep], dtype=pl.Int64),
         ]
     )

@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled numba kernels (umap-learn, pynndescent) are cached between runs and shared by xdist workers; numba's
+# cache is safe for concurrent writers. Without a kept cache each run compiles them again (tens of seconds).
+os.environ.setdefault(
+    "NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "numba")
+)
 
 from ccclip_testkit import COLORS, SHAPES, TINY_CFG, draw_shape, load_tiny, make_shape_posts  # noqa: F401
 

@@ -44,6 +44,7 @@ _STDLIB_HELPERS = {
     "tempfile",
     "contextlib",
     "io",
+    "filelock",  # ccclip_widgets._lock takes its locks through filelock
 }
 _state = {"events": 0, "kill_at": -1}
 

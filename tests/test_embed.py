@@ -111,6 +111,7 @@ KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 48 s and 30 s: subprocesses import torch
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_model, tmp_path):
     recs = make_shape_posts(tmp_path / "imgs", n_per=2)  # 48 posts -> 6 image parts of 8
     pl.DataFrame(recs).write_csv(tmp_path / "imgs" / "posts.csv")

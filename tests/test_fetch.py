@@ -29,6 +29,7 @@ from PIL import Image
 from ccclip_widgets.fetch import (
     FETCH_REASONS,
     DownloadCache,
+    FetchConfig,
     Fetcher,
     FetchResult,
     fetch_images,
@@ -457,6 +458,27 @@ def test_two_fetchers_share_one_cache_concurrently(server: Server, tmp_path: Pat
     assert all(r.from_cache for r in third.values())
 
 
+def test_a_url_downloading_elsewhere_is_waited_for_then_reused(server: Server, tmp_path: Path) -> None:
+    """The cache's inter-process lock: lock, look again, reuse what the other downloader stored."""
+    url = server.url("/good/shared.jpg")
+    cache = DownloadCache(tmp_path)
+    out: dict[str, FetchResult] = {}
+    with cache.url_lock(url) as held:  # this thread plays the other process that is downloading url
+        assert held
+        waiter = threading.Thread(
+            target=lambda: out.update(fetch_images([url], cache=tmp_path, show_progress=False))
+        )
+        waiter.start()
+        time.sleep(0.3)
+        assert server.state.total == 0 and not out  # it waits instead of downloading too
+        with Fetcher(cache=cache) as f:  # the lock is re-entrant in the thread holding it
+            first = f.fetch(url)
+    waiter.join(10)
+    assert first.ok and not first.from_cache
+    assert out[url].ok and out[url].from_cache and out[url].key == first.key
+    assert server.state.total == 1
+
+
 # ==============================================================================================================
 # Fetcher: bad answers become reasons, never exceptions
 
@@ -765,6 +787,18 @@ def test_read_posts_offline_makes_zero_requests(
         assert counts["network_disabled"] == n_http
         assert counts["unsupported_url_scheme"] == 2  # ftp:// and data: are refused before the network
         assert p.table["image"].to_list() == ["imgs/local.jpg"]
+
+
+def test_read_posts_takes_its_download_settings_as_one_fetch_config(server: Server, tmp_path: Path) -> None:
+    frame = pl.DataFrame({"post_id": ["1"], "image": [server.url("/good/cfg.jpg")], "text": ["t"]})
+    offline = read_posts(frame, None, FetchConfig(cache=tmp_path / "dl", network=False), show_progress=False)
+    assert offline.reject_counts() == {"network_disabled": 1} and server.state.total == 0
+    online = read_posts(frame, fetcher=FetchConfig(cache=tmp_path / "dl", timeout=5.0), show_progress=False)
+    assert len(online) == 1 and server.state.total == 1
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        read_posts(frame, download_kache=tmp_path)
+    with Fetcher(cache=tmp_path / "dl") as f, pytest.raises(TypeError, match="not beside it"):
+        read_posts(frame, fetcher=f, retries=0)
 
 
 def test_read_posts_accepts_a_configured_fetcher(server: Server, tmp_path: Path) -> None:

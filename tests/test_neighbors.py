@@ -185,6 +185,7 @@ def test_knn_graph_self_first_cached_and_exact():
     assert ji[n + 5, 1:].tolist() == [i for i in order[1] if i != n + 5][:9]
 
 
+@pytest.mark.slow  # 38-115 s: pynndescent compiles its kernels in every process (not cacheable by NUMBA_CACHE_DIR)
 def test_large_graph_by_neighbor_descent_matches_brute_force(monkeypatch):
     pytest.importorskip("pynndescent")
     from ccclip_widgets import neighbors

@@ -29,6 +29,7 @@ def test_committed_without_outputs(path):
     assert tagged, f"{path.name} needs a cell tagged 'parameters'"
 
 
+@pytest.mark.slow  # 38-58 s per notebook (kernel start, smoke run)
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_executes_in_smoke_mode(path, tmp_path, monkeypatch):

@@ -110,32 +110,17 @@ def read_posts_checked(
 
 
 def setup_distributed(device: str | None) -> tuple[Any, str | None]:
-    """Join the process group when launched by ``torchrun`` (one process otherwise).
+    """Join the process group when launched by ``torchrun`` (see :func:`ccclip_widgets.distributed.setup_distributed`)."""
+    from ..distributed import setup_distributed as setup
 
-    Returns
-    -------
-    tuple
-        ``(DistInfo, device)``: under torchrun on GPUs each process gets ``cuda:LOCAL_RANK``.
-    """
-    from ..train.distributed import init_distributed
-
-    kind = None if device is None else ("cuda" if str(device).startswith("cuda") else "cpu")
-    info = init_distributed(kind)
-    if info.enabled and device in (None, "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{info.local_rank}"
-    return info, device
+    return setup(device)
 
 
 def finish_distributed(info: Any) -> None:
     """Wait for every process, then leave the process group (no-op for one process)."""
-    if info.enabled:
-        import torch.distributed as dist
+    from ..distributed import finish_distributed as finish
 
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(info)
 
 
 def out_suffix(value: str, allowed: dict[str, str], flag: str = "--out") -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from ._common import add_flags, finish_distributed, read_posts_checked, setup_distributed, stdout_line
 
@@ -52,23 +51,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Embed, then write the store, rejects and summary into ``--out``; returns the exit status."""
+    import dataclasses
+
     from .._io import atomic_write_json
     from ..embed import embed_posts
+    from ..fetch import FetchConfig
     from ..models import load_model
 
     info, device = setup_distributed(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    download: dict[str, Any] = {"network": False} if args.offline else {}
+    download = FetchConfig(network=False if args.offline else None)
     if args.download_workers is not None:
-        download["download_workers"] = args.download_workers
+        download = dataclasses.replace(download, workers=args.download_workers)
     posts = read_posts_checked(
         args.posts,
         image_root=args.image_root,
         rejects_to=out / "rejects.csv" if info.is_main else None,
         check_images=args.check_images,
         show_progress=not args.no_progress,
-        **download,
+        fetcher=download,
     )
     model = load_model(args.model, device=device, precision=args.precision, allow_random=args.allow_random)
     emb = embed_posts(

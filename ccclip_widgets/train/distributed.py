@@ -1,17 +1,16 @@
-"""torch.distributed plumbing for fine-tuning: set-up from ``torchrun``'s environment, and small collectives.
+"""torch.distributed collectives for fine-tuning (gathers with and without gradients, means, flags).
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`init_distributed` starts the process group
-(NCCL on GPUs, gloo on CPUs) if nobody has yet. Without it everything degrades to one process and the helpers
-are no-ops, so the training loop has a single code path.
+The set-up itself (joining ``torchrun``'s process group, rank and size, the barrier) is the toolkit's one
+:mod:`ccclip_widgets.distributed`, re-exported here. Without a process group every helper is a no-op, so the
+training loop has a single code path.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
+
+from ..distributed import DistInfo, barrier, dist_info, init_distributed
 
 __all__ = [
     "DistInfo",
@@ -23,69 +22,6 @@ __all__ = [
     "init_distributed",
     "mean_across_ranks",
 ]
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a (possibly one-process) job.
-
-    Attributes
-    ----------
-    rank, world_size, local_rank
-        As ``torchrun`` defines them.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        """True when more than one process takes part."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """True on rank 0 (the process that writes files and shows progress)."""
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """The current process group's rank and size (one process when none is initialized)."""
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
-    return DistInfo()
-
-
-def init_distributed(device_type: str | None = None) -> DistInfo:
-    """Initialize ``torch.distributed`` from ``torchrun``'s environment variables when they ask for it.
-
-    Parameters
-    ----------
-    device_type
-        ``"cuda"`` selects NCCL, anything else gloo; ``None`` picks NCCL when CUDA is available.
-
-    Returns
-    -------
-    DistInfo
-        The process's place; ``world_size == 1`` when not launched by ``torchrun`` (nothing is initialized).
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist_info()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_available():  # pragma: no cover - every supported build has it
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend)
-    return dist_info()
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -158,9 +94,3 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
