@@ -345,7 +345,7 @@ def build_minilm_fallback(
             "training_data": f"{n} descriptive captions of the stand-in pool (train split)",
             "epochs": epochs,
             "lr": lr,
-            "final_loss": round(float(loss), 4),
+            "final_loss": round(float(loss.detach()), 4),
             "command": "python -c 'from ccclip_widgets.demo.model import build_minilm_fallback as b; b()'",
         },
         dtype=torch.float16,
