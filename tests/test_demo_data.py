@@ -216,16 +216,19 @@ def test_pools_are_disjoint_and_split_by_group(built: tuple[Path, dict]) -> None
     demo = pl.read_parquet(root / "demo/posts.parquet")
     standin = pl.read_parquet(root / "standin/posts.parquet")
     assert summary["demo_images"] == demo["image_id"].n_unique() == 10
-    assert summary["standin_images"] == standin.height == summary["good_images"] - 10
-    assert not set(demo["image_id"]) & set(standin["image_id"])
-    assert set(standin["split"]) == {"train"}
+    # the stand-in pool (gentler text filter) holds no demo test image; demo train images may be in it
+    assert summary["standin_images"] == standin.height == standin["image_id"].n_unique()
+    test_ids = set(demo.filter(pl.col("split") == "test")["image_id"])
+    assert test_ids and not test_ids & set(standin["image_id"])
+    assert set(standin["split"]) <= {"train", "test"}  # test = held out from the stand-in's training
     assert set(demo["split"]) == {"train", "test"}
     assert summary["demo_test_images"] == demo.filter(pl.col("split") == "test")["image_id"].n_unique()
     # the two cherries (one near-duplicate group) are in the same pool, and in the same split
-    cherries = pl.concat([demo, standin]).filter(pl.col("title") == "Cherry")
-    assert cherries.height == 2
-    assert cherries["split"].n_unique() == 1
-    assert demo.filter(pl.col("title") == "Cherry").height in (0, 2)
+    cherries = demo.filter(pl.col("title") == "Cherry")
+    assert cherries.height in (0, 2)
+    assert cherries["split"].n_unique() <= 1
+    if cherries.height and cherries["split"][0] == "test":
+        assert standin.filter(pl.col("title") == "Cherry").height == 0
 
 
 def test_posts_tables_have_the_documented_columns(built: tuple[Path, dict]) -> None:
@@ -352,10 +355,11 @@ def test_cli(tree: Tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "demo: 6 images" in out
     assert (tmp_path / "worklist.csv").is_file()
-    # the stand-in model builder trains on that pool with our own engine and writes a loadable, partial checkpoint
+    # the stand-in model builder encodes the pool's captions with e5, trains the image tower with
+    # tools/train_standin.py and writes a loadable, partial checkpoint
     model_dir = tmp_path / "model"
     build = ["build-model", "--standin-dir", str(tmp_path / "standin"), "--out", str(model_dir)]
-    assert demo_main([*build, "--epochs", "1", "--batch-size", "4", "--device", "cpu"]) == 0
+    assert demo_main([*build, "--grid", "1:1e-3:0"]) == 0
     import json
 
     from ccclip_widgets.models import load_model

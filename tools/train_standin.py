@@ -106,6 +106,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def recall(model: Heads, imgs: torch.Tensor, feats: torch.Tensor) -> dict[str, float]:
+    if len(imgs) == 0:  # a pool too small to hold images out
+        return {"t2i_r1": float("nan"), "t2i_r5": float("nan"), "t2i_r10": float("nan"), "n": 0}
     model.eval()
     with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.is_cuda):
         ie = torch.cat([model.encode_image(normalize(imgs[i : i + 512])) for i in range(0, len(imgs), 512)])
@@ -136,12 +138,15 @@ def train_one(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
+    batch = min(batch, len(imgs))
     steps_per_epoch = len(imgs) // batch
     total = epochs * steps_per_epoch
     warm = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))),
+        lambda s: (
+            (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+        ),
     )
     gen = torch.Generator(device=dev).manual_seed(seed)
     t0 = time.perf_counter()
@@ -200,7 +205,7 @@ def main() -> None:
         model, info = train_one(x[tr], t[tr], x[~tr], t[~tr], int(e), float(lr), int(seed), args.batch, wd)
         final = info["history"][-1]
         results.append({"epochs": int(e), "lr": float(lr), "seed": int(seed), "weight_decay": wd, **info})
-        if best is None or final["t2i_r10"] > best[1]["t2i_r10"]:
+        if best is None or final["t2i_r10"] > best[1]["t2i_r10"]:  # nan (nothing held out): the first
             best = (model, final, results[-1])
     from safetensors.torch import save_file
 

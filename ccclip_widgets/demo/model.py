@@ -417,7 +417,7 @@ def assemble_demo_model(
         "heldout_images": training.get("heldout_images"),
         "chosen": training.get("chosen"),
         "hardware": training.get("device"),
-        "command": "python tools/build_demo_model.py",
+        "command": "ccclip demo build-model",
     }
     out = Path(out_dir) if out_dir else repo_data_dir() / "models" / "demo-clip"
     save_checkpoint(
