@@ -46,6 +46,7 @@ __all__ = [
     "RunInUseError",
     "StoreCorruptionWarning",
     "TrainingDivergedError",
+    "TrainingInterruptedError",
     "TrainingOutOfMemoryError",  # noqa: F822 (loaded lazily by __getattr__)
     "TrainingWarning",
     "UsageError",
@@ -177,6 +178,14 @@ class TrainingDivergedError(CCClipError, RuntimeError):
             f"more than max_nan_tolerance allows). {where} Usual causes: learning rate too high, fp16 overflow "
             "(try precision='bf16' or 'fp32'), a corrupt batch."
         )
+
+
+class TrainingInterruptedError(CCClipError, RuntimeError):
+    """A wait for a fine-tuning run was interrupted again while the run was still stopping.
+
+    The run ends by itself after its current step (``FineTune.status`` becomes ``"stopped"`` and
+    ``FineTune.result`` is set); call ``wait()`` again to wait for it.
+    """
 
 
 class LockTimeout(CCClipError, TimeoutError):
