@@ -259,6 +259,7 @@ EXIT_CODES: dict[str, int] = {
     "DiskFullError": 10,
     "MissingDependencyError": 11,
     "KeyboardInterrupt": 130,
+    "TrainingInterruptedError": 130,
     "CCClipError": 1,
 }
 
