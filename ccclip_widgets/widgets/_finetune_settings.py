@@ -17,7 +17,7 @@ TRAINS: dict[str, str] = {
     "full": "everything (full fine-tune)",
     "lock_image": "lock the image tower",
     "lock_text": "lock the text tower",
-    "heads": "lock both towers (heads only)",
+    "heads": "lock both towers (what trains outside them, e.g. the temperature)",
     "projections": "projections only",
     "lora": "LoRA adapters",
 }
