@@ -65,6 +65,7 @@ _EXPORTS = {
     "RunInUseError": "errors",
     "StoreCorruptionWarning": "errors",
     "TrainingDivergedError": "errors",
+    "TrainingInterruptedError": "errors",
     "TrainingOutOfMemoryError": "errors",
     "TrainingWarning": "errors",
     "UsageError": "errors",

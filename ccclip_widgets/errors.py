@@ -46,6 +46,7 @@ __all__ = [
     "RunInUseError",
     "StoreCorruptionWarning",
     "TrainingDivergedError",
+    "TrainingInterruptedError",
     "TrainingOutOfMemoryError",  # noqa: F822 (loaded lazily by __getattr__)
     "TrainingWarning",
     "UsageError",
@@ -179,6 +180,14 @@ class TrainingDivergedError(CCClipError, RuntimeError):
         )
 
 
+class TrainingInterruptedError(CCClipError, RuntimeError):
+    """A wait for a fine-tuning run was interrupted again while the run was still stopping.
+
+    The run ends by itself after its current step (``FineTune.status`` becomes ``"stopped"`` and
+    ``FineTune.result`` is set); call ``wait()`` again to wait for it.
+    """
+
+
 class LockTimeout(CCClipError, TimeoutError):
     """A lock (store, cache, run folder) is still held by another process after the allowed wait."""
 
@@ -250,6 +259,7 @@ EXIT_CODES: dict[str, int] = {
     "DiskFullError": 10,
     "MissingDependencyError": 11,
     "KeyboardInterrupt": 130,
+    "TrainingInterruptedError": 130,
     "CCClipError": 1,
 }
 

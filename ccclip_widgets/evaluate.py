@@ -21,11 +21,18 @@ Positives and shared images
     Image-to-text: each unique image queries the texts of the pool, and every text of a pool post with that image
     key is a positive (for example one image posted with captions in three languages has three positives).
 Pools
+    ``pool="all"`` (the default): every post of ``posts`` is a candidate for every group, so groups are ranked
+    against the same candidates and share one chance level. For image-to-text, a query image's positives are its
+    captions *in the group*; its captions outside the group are left out of its candidates (neither right nor
+    wrong), so the German commentative group is not answered by the image's English descriptive caption.
     ``pool="group"``: the candidates for a group (say commentative / uk) are the posts of that group only, so pool
-    sizes differ between groups; ``pool="all"``: every post of ``posts`` is a candidate for every group. The
-    ``pool_size`` column states the number of candidates (unique images for text-to-image, texts for
-    image-to-text), and ``chance_r_at_K = min(1, K / pool_size)`` the Recall@K of a random ranking with one
-    positive.
+    sizes differ between groups. The ``pool_size`` column states the number of candidates (unique images for
+    text-to-image, texts for image-to-text), and ``chance_r_at_K = min(1, K / pool_size)`` the Recall@K of a
+    random ranking with one positive.
+One engine
+    :func:`group_ranks` computes the ranks of every group; :func:`evaluate_retrieval` (the command line, the Gap
+    view, ``ccclip demo``) and the training-time evaluation (:func:`ccclip_widgets.train.retrieval_metrics`,
+    the FineTune panel) all summarize its output, so the same vectors give the same numbers everywhere.
 Confidence intervals
     Percentile bootstrap over queries (``n_boot`` resamples of the queries with replacement, interval
     ``[(1 - ci) / 2, (1 + ci) / 2]`` quantiles). Recall@k depends on a query only through which of the rank bands
@@ -37,16 +44,20 @@ Confidence intervals
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
 __all__ = [
+    "GroupRanks",
     "commentativeness",
     "commentativeness_auc",
     "evaluate_retrieval",
     "format_gap_table",
+    "group_ranks",
+    "recall_summary",
     "retrieval_ranks",
 ]
 
@@ -80,6 +91,7 @@ def retrieval_ranks(
     positives: Any,
     *,
     candidate_groups: Any | None = None,
+    candidate_mask: Any | None = None,
     chunk_size: int = 4096,
 ) -> np.ndarray:
     """Rank of the best-ranked positive candidate for each query (1-based, mid-rank for ties).
@@ -99,6 +111,10 @@ def retrieval_ranks(
         ``candidate_groups[j] == positives[i]``.
     candidate_groups
         ``M`` integer group ids of the candidates (for example codes of their image key).
+    candidate_mask
+        ``M`` booleans (with ``candidate_groups``): a candidate of the query's own group counts as a positive only
+        where this is True; where it is False it is left out for that query (neither positive nor negative).
+        Candidates of other groups are negatives either way.
     chunk_size
         Queries scored at once (lowered so a chunk holds at most :data:`MAX_CHUNK_ELEMENTS` scores).
 
@@ -134,6 +150,20 @@ def retrieval_ranks(
         if len(groups) != n_c:
             raise ValueError(f"candidate_groups has {len(groups)} entries for {n_c} candidates")
         members = _group_members(groups, pos)
+    excluded = None
+    if candidate_mask is not None:
+        if candidate_groups is None:
+            raise ValueError("candidate_mask needs candidate_groups")
+        cmask = np.asarray(candidate_mask, dtype=bool).reshape(-1)
+        if len(cmask) != n_c:
+            raise ValueError(f"candidate_mask has {len(cmask)} entries for {n_c} candidates")
+        valid = members >= 0
+        keep = valid & cmask[np.maximum(members, 0)]
+        if np.any(~keep.any(axis=1)):
+            bad = int(np.flatnonzero(~keep.any(axis=1))[0])
+            raise ValueError(f"query {bad} (group {int(pos[bad])}) has no positive among the candidates")
+        excluded = np.where(valid & ~keep, members, -1)
+        members = np.where(keep, members, -1)
     chunk = max(1, min(int(chunk_size), MAX_CHUNK_ELEMENTS // max(n_c, 1)))
     ranks = np.empty(n_q, np.float64)
     for s in range(0, n_q, chunk):
@@ -146,6 +176,11 @@ def retrieval_ranks(
         greater = (scores > best[:, None]).sum(axis=1)
         equal = (scores == best[:, None]).sum(axis=1)
         tied_pos = (pos_scores == best[:, None]).sum(axis=1)  # positives at the best score, the best included
+        if excluded is not None:  # left-out candidates neither outrank nor tie
+            ex = excluded[s:e]
+            ex_scores = np.where(ex >= 0, np.take_along_axis(scores, np.maximum(ex, 0), 1), -np.inf)
+            greater -= (ex_scores > best[:, None]).sum(axis=1)
+            equal -= (ex_scores == best[:, None]).sum(axis=1)
         ranks[s:e] = 1.0 + greater + (equal - tied_pos) / 2.0
     return ranks
 
@@ -193,6 +228,135 @@ def _bootstrap_recall(
     return out
 
 
+@dataclass(frozen=True)
+class GroupRanks:
+    """The ranks of one group's queries in one direction (see :func:`group_ranks`).
+
+    Attributes
+    ----------
+    ranks
+        Mid-rank of each query's best positive (float64; text queries: one per post of the group; image
+        queries: one per unique image of the group).
+    pool_size
+        Candidates each query was ranked against (unique images, or texts).
+    """
+
+    ranks: np.ndarray
+    pool_size: int
+
+
+def group_ranks(
+    image_vectors: Any,
+    text_vectors: Any,
+    image_keys: Any,
+    groups: Mapping[Any, Any],
+    *,
+    directions: Sequence[str] = _DIRECTIONS,
+    pool: Literal["group", "all"] = "all",
+    chunk_size: int = 4096,
+) -> dict[tuple[str, Any], GroupRanks]:
+    """Ranks of every group of posts in both directions: the one retrieval engine of the toolkit.
+
+    Parameters
+    ----------
+    image_vectors, text_vectors
+        ``N x D`` vectors of the posts (rows aligned; normalized here if they are not).
+    image_keys
+        ``N`` image keys (any hashable values): posts with the same key share an image.
+    groups
+        ``{name: rows}``: a boolean mask over the ``N`` posts or an array of row numbers, per group.
+    directions
+        ``"text_to_image"`` and/or ``"image_to_text"``.
+    pool
+        ``"all"``: every post is a candidate for every group; ``"group"``: a group's own posts only (see the
+        module notes for both, and for the tie rule).
+    chunk_size
+        Queries scored at once.
+
+    Returns
+    -------
+    dict
+        ``{(direction, group name): GroupRanks}`` in the order direction, then group.
+    """
+    if pool not in ("group", "all"):
+        raise ValueError(f"pool must be 'group' or 'all', got {pool!r}")
+    for d in directions:
+        if d not in _DIRECTIONS:
+            raise ValueError(f"unknown direction {d!r}; use {_DIRECTIONS}")
+    img = _unit(_as_array(image_vectors, "image_vectors"))
+    txt = _unit(_as_array(text_vectors, "text_vectors"))
+    n = img.shape[0]
+    keys = np.asarray(image_keys)
+    if not (txt.shape[0] == n == len(keys)):
+        raise ValueError(f"got {n} image vectors, {txt.shape[0]} text vectors and {len(keys)} image keys")
+    codes = (
+        np.unique(keys, return_inverse=True)[1].reshape(-1).astype(np.int64) if n else np.zeros(0, np.int64)
+    )
+    rows_of: dict[Any, np.ndarray] = {}
+    for name, sel in groups.items():
+        sel = np.asarray(sel)
+        rows_of[name] = np.flatnonzero(sel) if sel.dtype == bool else sel.astype(np.int64).reshape(-1)
+    all_rows = np.arange(n, dtype=np.int64)
+    out: dict[tuple[str, Any], GroupRanks] = {}
+    for direction in directions:
+        cache_all: np.ndarray | None = None  # pool="all", text -> image: one ranking serves every group
+        for name, rows in rows_of.items():
+            pool_rows = rows if pool == "group" else all_rows
+            if direction == "text_to_image":
+                ukeys, first = np.unique(codes[pool_rows], return_index=True)
+                cand = img[pool_rows[first]]
+                if pool == "all":
+                    if cache_all is None:
+                        cache_all = retrieval_ranks(
+                            txt, cand, codes, candidate_groups=ukeys, chunk_size=chunk_size
+                        )
+                    ranks = cache_all[rows]
+                else:
+                    ranks = retrieval_ranks(
+                        txt[rows], cand, codes[rows], candidate_groups=ukeys, chunk_size=chunk_size
+                    )
+                pool_size = len(ukeys)
+            else:
+                qkeys, qfirst = np.unique(codes[rows], return_index=True)
+                mask = None
+                if pool == "all" and len(rows) < n:
+                    mask = np.zeros(n, dtype=bool)
+                    mask[rows] = True  # the query image's captions outside the group are left out
+                ranks = retrieval_ranks(
+                    img[rows[qfirst]],
+                    txt[pool_rows],
+                    qkeys,
+                    candidate_groups=codes[pool_rows],
+                    candidate_mask=mask,
+                    chunk_size=chunk_size,
+                )
+                pool_size = len(pool_rows)
+            out[(direction, name)] = GroupRanks(ranks, int(pool_size))
+    return out
+
+
+def recall_summary(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """``r_at_k`` (share of ranks ``<= k``), ``median_rank`` and ``mean_rank`` of a group's ranks (NaN if empty).
+
+    Parameters
+    ----------
+    ranks
+        From :func:`group_ranks`.
+    ks
+        Recall cutoffs.
+
+    Returns
+    -------
+    dict[str, float]
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    empty = ranks.size == 0
+    out = {f"r_at_{k}": float("nan") if empty else float(np.mean(ranks <= k)) for k in ks}
+    out["median_rank"] = float("nan") if empty else float(np.median(ranks))
+    out["mean_rank"] = float("nan") if empty else float(np.mean(ranks))
+    return out
+
+
 def _model_vectors(embeddings: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Normalize the accepted inputs to ``{name: (image_vectors, text_vectors)}``."""
 
@@ -223,7 +387,7 @@ def evaluate_retrieval(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-    pool: Literal["group", "all"] = "group",
+    pool: Literal["group", "all"] = "all",
     chunk_size: int = 4096,
 ) -> pl.DataFrame:
     """Recall@k, ranks and bootstrap intervals per model, direction and group of posts.
@@ -249,7 +413,8 @@ def evaluate_retrieval(
     seed
         Seed of the bootstrap (each output row draws from its own stream derived from it).
     pool
-        ``"group"``: a group's candidates are its own posts; ``"all"``: every post is a candidate.
+        ``"all"`` (default): every post is a candidate for every group; ``"group"``: a group's candidates are its
+        own posts.
     chunk_size
         Queries scored at once.
 
@@ -284,75 +449,42 @@ def evaluate_retrieval(
         key_series = posts["post_id"].cast(pl.String)
     else:
         key_series = pl.Series([str(i) for i in range(n)])
-    _, key_codes = np.unique(key_series.fill_null("").to_numpy(), return_inverse=True)
-    key_codes = key_codes.reshape(-1).astype(np.int64)
+    keys = key_series.fill_null("").to_numpy()
 
     frame = posts.select(gcols).with_row_index("__row") if gcols else pl.DataFrame({"__row": np.arange(n)})
     if gcols:
-        groups = frame.group_by(gcols, maintain_order=True).agg(pl.col("__row")).sort(gcols, nulls_last=True)
-        group_rows = [
-            (tuple(r[c] for c in gcols), np.asarray(r["__row"], np.int64))
-            for r in groups.iter_rows(named=True)
-        ]
+        grouped = frame.group_by(gcols, maintain_order=True).agg(pl.col("__row")).sort(gcols, nulls_last=True)
+        group_rows = {
+            tuple(r[c] for c in gcols): np.asarray(r["__row"], np.int64)
+            for r in grouped.iter_rows(named=True)
+        }
     else:
-        group_rows = [((), np.arange(n, dtype=np.int64))]
-    all_rows = np.arange(n, dtype=np.int64)
+        group_rows = {(): np.arange(n, dtype=np.int64)}
 
     kmax = ks[-1]
     records: list[dict[str, Any]] = []
     stream = 0
     for name, (img, txt) in models.items():
-        for direction in directions:
-            cache_all: np.ndarray | None = None  # pool="all": one ranking serves every group
-            for gvals, rows in group_rows:
-                pool_rows = rows if pool == "group" else all_rows
-                if direction == "text_to_image":
-                    ukeys, first = np.unique(key_codes[pool_rows], return_index=True)
-                    cand = img[pool_rows[first]]
-                    pool_size = len(ukeys)
-                    if pool == "all":
-                        if cache_all is None:
-                            cache_all = retrieval_ranks(
-                                txt, cand, key_codes, candidate_groups=ukeys, chunk_size=chunk_size
-                            )
-                        ranks = cache_all[rows]
-                    else:
-                        ranks = retrieval_ranks(
-                            txt[rows], cand, key_codes[rows], candidate_groups=ukeys, chunk_size=chunk_size
-                        )
-                else:
-                    qkeys, qfirst = np.unique(key_codes[rows], return_index=True)
-                    pool_size = len(pool_rows)
-                    if pool == "all":
-                        if cache_all is None:
-                            akeys, afirst = np.unique(key_codes, return_index=True)
-                            cache_all = np.full(int(akeys.max()) + 1 if len(akeys) else 0, np.nan)
-                            cache_all[akeys] = retrieval_ranks(
-                                img[afirst], txt, akeys, candidate_groups=key_codes, chunk_size=chunk_size
-                            )
-                        ranks = cache_all[qkeys]
-                    else:
-                        ranks = retrieval_ranks(
-                            img[rows[qfirst]],
-                            txt[pool_rows],
-                            qkeys,
-                            candidate_groups=key_codes[pool_rows],
-                            chunk_size=chunk_size,
-                        )
-                rng = np.random.default_rng([seed, stream])
-                stream += 1
-                rec: dict[str, Any] = {"model": name, "direction": direction}
-                rec.update(dict(zip(gcols, gvals)))
-                rec["n_queries"] = len(ranks)
-                rec["pool_size"] = int(pool_size)
-                for k, (est, lo, hi) in _bootstrap_recall(ranks, ks, n_boot, ci, rng).items():
-                    rec[f"r_at_{k}"] = est
-                    rec[f"r_at_{k}_lo"] = lo
-                    rec[f"r_at_{k}_hi"] = hi
-                rec["median_rank"] = float(np.median(ranks)) if len(ranks) else float("nan")
-                rec["mean_rank"] = float(np.mean(ranks)) if len(ranks) else float("nan")
-                rec[f"chance_r_at_{kmax}"] = min(1.0, kmax / pool_size) if pool_size else float("nan")
-                records.append(rec)
+        ranked = group_ranks(
+            img, txt, keys, group_rows, directions=directions, pool=pool, chunk_size=chunk_size
+        )
+        for (direction, gvals), result in ranked.items():
+            ranks, pool_size = result.ranks, result.pool_size
+            rng = np.random.default_rng([seed, stream])
+            stream += 1
+            rec: dict[str, Any] = {"model": name, "direction": direction}
+            rec.update(dict(zip(gcols, gvals)))
+            rec["n_queries"] = len(ranks)
+            rec["pool_size"] = int(pool_size)
+            for k, (est, lo, hi) in _bootstrap_recall(ranks, ks, n_boot, ci, rng).items():
+                rec[f"r_at_{k}"] = est
+                rec[f"r_at_{k}_lo"] = lo
+                rec[f"r_at_{k}_hi"] = hi
+            summary = recall_summary(ranks, ())
+            rec["median_rank"] = summary["median_rank"]
+            rec["mean_rank"] = summary["mean_rank"]
+            rec[f"chance_r_at_{kmax}"] = min(1.0, kmax / pool_size) if pool_size else float("nan")
+            records.append(rec)
     schema: dict[str, Any] = {"model": pl.String, "direction": pl.String}
     for g in gcols:
         schema[g] = posts.schema[g]

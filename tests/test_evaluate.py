@@ -105,7 +105,7 @@ def make_posts(n: int, seed: int = 0, noise: float = 0.8) -> tuple[pl.DataFrame,
 
 def test_evaluate_identity_and_columns():
     posts, img, _ = make_posts(60)
-    df = evaluate_retrieval({"perfect": (img, img)}, posts, n_boot=200)
+    df = evaluate_retrieval({"perfect": (img, img)}, posts, n_boot=200, pool="group")
     assert df.columns[:4] == ["model", "direction", "caption_kind", "lang"]
     for c in (
         "n_queries",
@@ -127,7 +127,7 @@ def test_evaluate_identity_and_columns():
     merged = df.join(sizes, on=["caption_kind", "lang"])
     assert (merged["pool_size"] == merged["len"]).all() and (merged["n_queries"] == merged["len"]).all()
     np.testing.assert_allclose(df["chance_r_at_10"], np.minimum(1, 10 / df["pool_size"].to_numpy()))
-    all_pool = evaluate_retrieval({"perfect": (img, img)}, posts, pool="all", n_boot=0)
+    all_pool = evaluate_retrieval({"perfect": (img, img)}, posts, n_boot=0)  # pool="all" is the default
     assert (all_pool["pool_size"] == 60).all()
 
 

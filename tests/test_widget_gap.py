@@ -51,7 +51,13 @@ def two(gap_posts, tiny_model, other_model, tmp_path_factory):
     return embed_posts(gap_posts, tiny_model, **kw), embed_posts(gap_posts, other_model, **kw)
 
 
-def test_chart_has_both_kinds_both_models_and_error_bars(two, tiny_model, other_model):
+def _x(trace):
+    """A bar trace's categories as (caption kind, language) pairs (plotly's two-level axis)."""
+    outer, inner = trace.x
+    return list(zip(outer, inner, strict=True))
+
+
+def test_chart_has_kinds_and_languages_both_models_error_bars_chance_and_legend(two, tiny_model, other_model):
     before, after = two
     gap = Gap(
         {"before": before, "after": after},
@@ -60,27 +66,48 @@ def test_chart_has_both_kinds_both_models_and_error_bars(two, tiny_model, other_
     )
     fig = gap.figure
     assert "ccclip-gap-chart" in fig._dom_classes
-    assert [t.name for t in fig.data] == ["descriptive", "commentative"]
+    assert fig.layout.showlegend is True
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["before", "after"] and names[2].startswith("chance (R@5 = ")
     chart = gap.chart_table
-    for trace in fig.data:
+    groups = [("descriptive", "en"), ("commentative", "en"), ("commentative", "de")]
+    for trace in fig.data[:2]:
         assert trace.type == "bar"
-        assert list(trace.x) == ["before", "after"]
+        assert _x(trace) == groups  # languages are in the chart, descriptive first
         err = trace.error_y
-        assert err.visible and err.array is not None and err.arrayminus is not None
-        assert len(err.array) == len(err.arrayminus) == 2
+        assert err.visible and len(err.array) == len(err.arrayminus) == 3
         assert min(err.array) >= 0 and min(err.arrayminus) >= 0
-        for model, y, up, down in zip(trace.x, trace.y, err.array, err.arrayminus, strict=True):
-            row = chart.filter((pl.col("model") == model) & (pl.col("caption_kind") == trace.name)).row(
-                0, named=True
-            )
+        for (kind, lang), y, up, down in zip(_x(trace), trace.y, err.array, err.arrayminus, strict=True):
+            row = chart.filter(
+                (pl.col("model") == trace.name) & (pl.col("caption_kind") == kind) & (pl.col("lang") == lang)
+            ).row(0, named=True)
             assert y == pytest.approx(row["r_at_5"])
             assert y + up == pytest.approx(row["r_at_5_hi"])
             assert y - down == pytest.approx(row["r_at_5_lo"])
+    # every group is ranked against the same pool (all 24 images): one chance level
+    assert set(chart["pool_size"].to_list()) == {24}
+    assert list(fig.data[2].y) == pytest.approx([5 / 24] * 3)
     assert "R@5" in fig.layout.title.text and "95% CI" in fig.layout.title.text
+    assert fig.layout.xaxis.title.text == "caption kind / language"
     gap.set_k(10).set_direction("image_to_text")
     assert "R@10" in fig.layout.title.text and "image" in fig.layout.title.text
-    row = gap.chart_table.filter((pl.col("model") == "after") & (pl.col("caption_kind") == "commentative"))
+    row = gap.chart_table.filter(
+        (pl.col("model") == "after") & (pl.col("caption_kind") == "commentative") & (pl.col("lang") == "en")
+    )
     assert fig.data[1].y[1] == pytest.approx(row["r_at_10"][0])
+    gap.set_chart_by("caption_kind")
+    assert list(fig.data[0].x) == ["descriptive", "commentative"]
+
+
+def test_a_small_group_does_not_look_better_for_its_smaller_pool(two):
+    before, _ = two
+    gap = Gap({"m": before}, n_boot=0)
+    own = Gap({"m": before}, n_boot=0, pool="group")
+    de = pl.col("lang") == "de"
+    assert gap.chart_table.filter(de)["pool_size"].item() == 24
+    assert own.chart_table.filter(de)["pool_size"].item() == 6  # ranked among its own 6 images only
+    spec = own.chart_spec()
+    assert spec["chance"][spec["groups"].index(("commentative", "de"))] == pytest.approx(5 / 6)
 
 
 def test_table_matches_evaluate_retrieval(two):
@@ -95,8 +122,8 @@ def test_table_matches_evaluate_retrieval(two):
     )  # fmt: skip
     assert_frame_equal(gap.table, expected)
     # the HTML table shows one row per group and a column block per model
-    html = gap.widget.children[3].value
-    assert "ccclip-gap-table" in gap.widget.children[3]._dom_classes
+    html = gap.view.control("table").value
+    assert "ccclip-gap-table" in gap.view.control("table")._dom_classes
     assert html.count("<tr>") == 2 + 3  # two header rows + descriptive/en, commentative/de, commentative/en
     assert 'data-model="before"' in html and 'data-model="after"' in html
     gap.set_group_by("lang")
@@ -104,7 +131,7 @@ def test_table_matches_evaluate_retrieval(two):
     assert "caption_kind" not in gap.table.columns and set(gap.table["lang"].to_list()) == {"en", "de"}
     gap.select("after")
     assert gap.table["model"].unique().to_list() == ["after"]
-    assert [list(t.x) for t in gap.figure.data] == [["after"], ["after"]]
+    assert [t.name for t in gap.figure.data if t.type == "bar"] == ["after"]
 
 
 def test_try_caption_returns_the_brute_force_top_images(two, gap_posts, tiny_model, other_model):
@@ -137,22 +164,20 @@ def test_try_caption_returns_the_brute_force_top_images(two, gap_posts, tiny_mod
 def test_caption_box_widget_fills_results(two, tiny_model):
     before, _ = two
     gap = Gap({"before": before}, clip_models={"before": tiny_model}, top_n=3)
-    w = gap.widget
-    text, button = w.children[4].children[1].children
+    gap.widget  # noqa: B018 - built as the notebook shows it
+    text, button = gap.view.control("caption"), gap.view.control("search")
     text.value = "a blue square"  # the front end sets the value; pressing Enter submits it
     assert gap.caption_results["before"].height == 3
     gap.caption_results = {}
     button.click()
     assert gap.caption_results["before"].height == 3
-    assert 'data-model="before"' in w.children[4].children[2].value
+    assert 'data-model="before"' in gap.view.control("results").value
 
 
 def test_controls_drive_the_state(two):
     before, after = two
     gap = Gap({"before": before, "after": after}, n_boot=100)
-    w = gap.widget
-    models, groups, kd = w.children[0].children
-    k, direction = kd.children
+    models, groups, k, direction = (gap.view.control(c) for c in ("models", "group_by", "k", "direction"))
     k.value = "R@1"
     assert gap.k == 1 and "R@1" in gap.figure.layout.title.text
     direction.value = "image_to_text"
@@ -160,7 +185,8 @@ def test_controls_drive_the_state(two):
     groups.value = ("lang",)
     assert gap.group_by == ("lang",)
     models.value = ("before",)
-    assert gap.selected == ["before"] and [list(t.x) for t in gap.figure.data] == [["before"], ["before"]]
+    assert gap.selected == ["before"] and [t.name for t in gap.figure.data if t.type == "bar"] == ["before"]
+    assert k.style.button_width == "auto"  # "R@10" is never cut to "R@..."
 
 
 def test_live_update_when_fed_a_new_model(two, gap_posts, tiny_model, other_model):
@@ -168,7 +194,11 @@ def test_live_update_when_fed_a_new_model(two, gap_posts, tiny_model, other_mode
     gap = Gap({"before": before}, clip_models={"before": tiny_model}, n_boot=100)
     fig = gap.figure
     _ = gap.widget
-    assert [list(t.x) for t in fig.data] == [["before"], ["before"]]
+
+    def bars():
+        return [t.name for t in fig.data if t.type == "bar"]
+
+    assert bars() == ["before"]
 
     class FakeFineTune:
         def __init__(self):
@@ -189,8 +219,8 @@ def test_live_update_when_fed_a_new_model(two, gap_posts, tiny_model, other_mode
 
     for cb in ft.live:
         cb(after, Info())
-    assert [list(t.x) for t in fig.data] == [["before", "tuned"], ["before", "tuned"]]
-    assert "step 7" in gap.widget.children[3].value
+    assert bars() == ["before", "tuned"]
+    assert "step 7" in gap.view.control("table").value
     assert "tuned" not in gap.caption_results  # no model to encode captions while training
     expected = evaluate_retrieval({"tuned": (after.image, after.text)}, after.posts.table, n_boot=100)
     assert_frame_equal(gap.table.filter(pl.col("model") == "tuned"), expected)
@@ -201,7 +231,7 @@ def test_live_update_when_fed_a_new_model(two, gap_posts, tiny_model, other_mode
     gap.disconnect(ft)
     assert ft.live == [] and ft.done == []
     gap.remove_model("tuned")
-    assert [list(t.x) for t in fig.data] == [["before"], ["before"]]
+    assert bars() == ["before"]
 
 
 def test_split_and_posts_without_caption_kind(gap_posts, two):
@@ -212,7 +242,9 @@ def test_split_and_posts_without_caption_kind(gap_posts, two):
     emb2 = type(emb)(posts=type(gap_posts)(table=plain), image=emb.image, text=emb.text,
                      model_fingerprint="x", model_spec="x", rejects=emb.rejects)  # fmt: skip
     gap2 = Gap({"m": emb2}, n_boot=50)
-    assert [t.name for t in gap2.figure.data] == ["all posts"]
+    assert list(gap2.figure.data[0].x) == ["en", "de"]  # no caption kind: bars by language only
+    gap2.set_chart_by()
+    assert list(gap2.figure.data[0].x) == ["all posts"]
     with pytest.raises(ValueError, match="k must be"):
         gap2.set_k(3)
     with pytest.raises(KeyError, match="no model named"):

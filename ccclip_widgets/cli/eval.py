@@ -70,7 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="embedding store folder (default: the toolkit cache)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
-    p.add_argument("--pool", default="group", choices=["group", "all"], help="candidate pool per group")
+    p.add_argument(
+        "--pool",
+        default="all",
+        choices=["group", "all"],
+        help="candidates per group: every post (all, the default) or the group's own posts",
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 

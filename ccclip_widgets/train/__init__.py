@@ -23,6 +23,7 @@ _EXPORTS = {
     "TowerLayout": "freeze",
     "tower_layouts": "freeze",
     "EvalInfo": "loop",
+    "EvalVectors": "loop",
     "FineTuneResult": "loop",
     "StepInfo": "loop",
     "TrainingDivergedError": "loop",
@@ -38,6 +39,7 @@ _EXPORTS = {
 __all__ = [
     "ClipLoss",
     "EvalInfo",
+    "EvalVectors",
     "FineTuneConfig",
     "FineTuneResult",
     "LoraSettings",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EvalInfo",
+    "EvalVectors",
     "FineTuneResult",
     "StepInfo",
     "TrainingDivergedError",
@@ -137,6 +139,26 @@ class StepInfo:
 
 
 @dataclass(frozen=True)
+class EvalVectors:
+    """The evaluation posts as the evaluated weights encode them: one L2-normalized row per post.
+
+    Attributes
+    ----------
+    table
+        The evaluated posts (``eval_posts`` less posts without an image), rows aligned with the vectors.
+    image, text
+        ``N x D`` float32 image and text vectors.
+    image_ok
+        ``N`` booleans: False where the image failed to decode (its vector is zeros and the post was not scored).
+    """
+
+    table: pl.DataFrame
+    image: np.ndarray
+    text: np.ndarray
+    image_ok: np.ndarray
+
+
+@dataclass(frozen=True)
 class EvalInfo:
     """One evaluation on the held-out posts (passed to ``on_eval``).
 
@@ -152,6 +174,8 @@ class EvalInfo:
         True when the early-stopping metric improved.
     best_value
         Best value of the early-stopping metric so far (``None`` when none is watched).
+    vectors
+        The vectors that were scored (:class:`EvalVectors`), so listeners need not encode the posts again.
     """
 
     step: int
@@ -160,6 +184,7 @@ class EvalInfo:
     table: pl.DataFrame
     is_best: bool = False
     best_value: float | None = None
+    vectors: EvalVectors | None = None
 
 
 @dataclass
@@ -329,6 +354,7 @@ def evaluate_in_memory(
     num_workers: int = 0,
     precision: str = "fp32",
     features: Any | None = None,
+    vectors_out: list[EvalVectors] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Embed the evaluation posts with the current weights and score retrieval both ways, per group.
 
@@ -346,11 +372,15 @@ def evaluate_in_memory(
         ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast.
     features
         The posts' frozen tower outputs (:func:`~.cached.tower_features`): only the heads run.
+    vectors_out
+        A list that receives the scored vectors (:class:`EvalVectors`), for callers that show them too.
 
     Returns
     -------
     (metrics, n_failed)
-        Flat metrics (see :mod:`.metrics`) and the number of posts left out because their image failed to decode.
+        Flat metrics (see :mod:`.metrics`; the same numbers as
+        :func:`~ccclip_widgets.evaluate.evaluate_retrieval` with ``pool="all"`` on these vectors) and the number of
+        posts left out because their image failed to decode.
     """
     model = clip.model
     was_training = model.training
@@ -370,8 +400,12 @@ def evaluate_in_memory(
     else:
         img_feats, txt_feats, ok = _encode_eval(clip, data, batch_size, num_workers, precision, was_training)
     good_image = ok.numpy()[image_ids]  # image_ids are 0..I-1 in order of first appearance == sorted keys
-    groups = {k: v & good_image for k, v in post_groups(data.table).items()}
-    metrics = retrieval_metrics(img_feats.numpy(), txt_feats.numpy(), image_ids, text_ids, groups)
+    # posts whose image failed are neither queries nor candidates
+    groups = {k: v[good_image] for k, v in post_groups(data.table).items()}
+    img_np, txt_np = img_feats.numpy(), txt_feats.numpy()
+    metrics = retrieval_metrics(img_np, txt_np, image_ids[good_image], text_ids[good_image], groups)
+    if vectors_out is not None:
+        vectors_out.append(EvalVectors(data.table, img_np[image_ids], txt_np[text_ids], good_image))
     return metrics, int((~good_image).sum())
 
 
@@ -1090,6 +1124,7 @@ class _Trainer:
                     show_progress=cfg.show_progress,
                 )
             features = self.eval_features
+        scored: list[EvalVectors] = []
         metrics, n_failed = evaluate_in_memory(
             self.clip,
             data,
@@ -1097,6 +1132,7 @@ class _Trainer:
             num_workers=workers,
             precision=self.precision,
             features=features,
+            vectors_out=scored if self.on_eval is not None else None,
         )
         if n_failed:
             metrics["n_eval_images_failed"] = float(n_failed)
@@ -1127,7 +1163,13 @@ class _Trainer:
         if self.on_eval is not None:
             self.on_eval(
                 EvalInfo(
-                    step, epoch, metrics, metrics_frame(metrics), is_best=is_best, best_value=self.best_value
+                    step,
+                    epoch,
+                    metrics,
+                    metrics_frame(metrics),
+                    is_best=is_best,
+                    best_value=self.best_value,
+                    vectors=scored[0] if scored else None,
                 )
             )
         return stop

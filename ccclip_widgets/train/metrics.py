@@ -1,15 +1,15 @@
-"""In-memory retrieval metrics for evaluation during training (no store, no files).
+"""Retrieval metrics during training, as flat ``"{direction}/{group}/{metric}"`` numbers (no store, no files).
 
-Posts can share an image (reposts) or a text (memes, stock captions), so retrieval is scored over *unique*
-images and texts: a text query is answered correctly by any image it was posted with, and an image query by any
-of its texts. The rank of a query is 1 + the number of wrong candidates scoring at least as high as its best
-right one (ties count against the model, so a constant model does not look good).
+The ranks come from the toolkit's one retrieval engine, :func:`ccclip_widgets.evaluate.group_ranks`, so the
+numbers equal :func:`~ccclip_widgets.evaluate.evaluate_retrieval` (with ``pool="all"``) on the same vectors: the
+same tie rule (mid-rank: ``1 + n_better + n_tied_wrong / 2``, so a constant model sits at the middle of the
+ranking), the same positives (posts sharing an image share their image key), the same candidate pool (every
+evaluation post, for every group) and the same chance level.
 
 Groups: ``all``, each ``caption_kind`` (e.g. ``commentative``), each language as ``lang=xx``, and each
-caption kind within a language as ``commentative,lang=xx``, when those columns exist. Each group is scored
-within its own posts (its own candidate pool), as retrieval on a separate test set would be. Flat metric keys are
+caption kind within a language as ``commentative,lang=xx``, when those columns exist. Flat metric keys are
 ``"{direction}/{group}/{metric}"`` with direction ``image_to_text`` or ``text_to_image`` and metric ``r_at_1``,
-``r_at_5``, ``r_at_10``, ``median_rank``, ``mean_rank`` or ``n_queries``.
+``r_at_5``, ``r_at_10``, ``median_rank``, ``mean_rank``, ``n_queries`` or ``pool_size``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,22 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
+
+from ..evaluate import group_ranks, recall_summary
 
 __all__ = ["DIRECTIONS", "METRIC_NAMES", "metrics_frame", "post_groups", "retrieval_metrics"]
 
 DIRECTIONS: tuple[str, ...] = ("image_to_text", "text_to_image")
-METRIC_NAMES: tuple[str, ...] = ("r_at_1", "r_at_5", "r_at_10", "median_rank", "mean_rank", "n_queries")
+METRIC_NAMES: tuple[str, ...] = (
+    "r_at_1",
+    "r_at_5",
+    "r_at_10",
+    "median_rank",
+    "mean_rank",
+    "n_queries",
+    "pool_size",
+)
+_KS = (1, 5, 10)
 
 
 def post_groups(table: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -58,84 +68,56 @@ def post_groups(table: pl.DataFrame) -> dict[str, np.ndarray]:
     return groups
 
 
-def _ranks(
-    queries: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor, chunk: int = 1024
-) -> np.ndarray:
-    """Rank of each query's best positive among candidates (1 = first). ``positives``: Q x C bool."""
-    out = np.empty(queries.shape[0], dtype=np.int64)
-    for s in range(0, queries.shape[0], chunk):
-        scores = queries[s : s + chunk] @ candidates.T
-        pos = positives[s : s + chunk]
-        best = scores.masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values
-        wrong_above = ((scores >= best) & ~pos).sum(dim=1)
-        out[s : s + chunk] = (wrong_above + 1).numpy()
-    return out
-
-
-def _summary(ranks: np.ndarray) -> dict[str, float]:
-    if ranks.size == 0:
-        return {m: float("nan") for m in METRIC_NAMES[:-1]} | {"n_queries": 0.0}
-    return {
-        "r_at_1": float(np.mean(ranks <= 1)),
-        "r_at_5": float(np.mean(ranks <= 5)),
-        "r_at_10": float(np.mean(ranks <= 10)),
-        "median_rank": float(np.median(ranks)),
-        "mean_rank": float(np.mean(ranks)),
-        "n_queries": float(ranks.size),
-    }
-
-
 def retrieval_metrics(
-    image_features: np.ndarray | torch.Tensor,
-    text_features: np.ndarray | torch.Tensor,
+    image_features: Any,
+    text_features: Any,
     image_index: np.ndarray,
     text_index: np.ndarray,
     groups: dict[str, np.ndarray] | None = None,
+    *,
+    pool: str = "all",
 ) -> dict[str, float]:
     """Image-to-text and text-to-image recall and ranks, per group.
 
     Parameters
     ----------
     image_features
-        ``I x D`` L2-normalized features of the unique images.
+        ``I x D`` features of the unique images (numpy or torch).
     text_features
-        ``T x D`` L2-normalized features of the unique texts.
+        ``T x D`` features of the unique texts.
     image_index, text_index
         Per post: row of its image in ``image_features`` and of its text in ``text_features``.
     groups
         Group name -> boolean mask over posts (default: ``{"all": every post}``).
+    pool
+        ``"all"`` (every post is a candidate for every group) or ``"group"``; see
+        :func:`~ccclip_widgets.evaluate.group_ranks`.
 
     Returns
     -------
     dict[str, float]
         Flat ``"{direction}/{group}/{metric}"`` keys (see the module notes).
     """
-    img = torch.as_tensor(np.asarray(image_features, dtype=np.float32))
-    txt = torch.as_tensor(np.asarray(text_features, dtype=np.float32))
-    image_index = np.asarray(image_index, dtype=np.int64)
-    text_index = np.asarray(text_index, dtype=np.int64)
+    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+    text_index = np.asarray(text_index, dtype=np.int64).reshape(-1)
     if groups is None:
         groups = {"all": np.ones(len(image_index), dtype=bool)}
+    # one row per post, as evaluate_retrieval sees the posts; posts sharing an image share its index as key
+    img = _as_numpy(image_features)[image_index]
+    txt = _as_numpy(text_features)[text_index]
     out: dict[str, float] = {}
-    for name, mask in groups.items():
-        ii = image_index[mask]
-        ti = text_index[mask]
-        imgs = np.unique(ii)
-        txts = np.unique(ti)
-        img_pos = {v: k for k, v in enumerate(imgs)}
-        txt_pos = {v: k for k, v in enumerate(txts)}
-        pairs = torch.zeros(len(imgs), len(txts), dtype=torch.bool)
-        if len(ii):
-            pairs[[img_pos[v] for v in ii], [txt_pos[v] for v in ti]] = True
-        i_feats = img[torch.as_tensor(imgs)]
-        t_feats = txt[torch.as_tensor(txts)]
-        for direction, ranks in (
-            ("image_to_text", _ranks(i_feats, t_feats, pairs)),
-            ("text_to_image", _ranks(t_feats, i_feats, pairs.T.contiguous())),
-        ):
-            for metric, value in _summary(ranks).items():
-                out[f"{direction}/{name}/{metric}"] = value
+    for (direction, name), result in group_ranks(img, txt, image_index, groups, pool=pool).items():
+        for metric, value in recall_summary(result.ranks, _KS).items():
+            out[f"{direction}/{name}/{metric}"] = value
+        out[f"{direction}/{name}/n_queries"] = float(result.ranks.size)
+        out[f"{direction}/{name}/pool_size"] = float(result.pool_size)
     return out
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
 def metrics_frame(metrics: dict[str, float]) -> pl.DataFrame:
@@ -149,7 +131,7 @@ def metrics_frame(metrics: dict[str, float]) -> pl.DataFrame:
     Returns
     -------
     polars.DataFrame
-        Columns ``direction``, ``group``, ``n_queries``, ``r_at_1``, ``r_at_5``, ``r_at_10``, ``median_rank``,
+        Columns ``direction``, ``group``, ``n_queries``, ``pool_size``, ``r_at_1``, ``r_at_5``, ``r_at_10``, ``median_rank``,
         ``mean_rank``.
     """
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -159,7 +141,17 @@ def metrics_frame(metrics: dict[str, float]) -> pl.DataFrame:
             continue
         row = rows.setdefault((parts[0], parts[1]), {"direction": parts[0], "group": parts[1]})
         row[parts[2]] = value
-    columns = ["direction", "group", "n_queries", "r_at_1", "r_at_5", "r_at_10", "median_rank", "mean_rank"]
+    columns = [
+        "direction",
+        "group",
+        "n_queries",
+        "pool_size",
+        "r_at_1",
+        "r_at_5",
+        "r_at_10",
+        "median_rank",
+        "mean_rank",
+    ]
     if not rows:
         return pl.DataFrame(
             schema={c: (pl.String if c in ("direction", "group") else pl.Float64) for c in columns}
@@ -168,4 +160,4 @@ def metrics_frame(metrics: dict[str, float]) -> pl.DataFrame:
     for c in columns:
         if c not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(c))
-    return frame.select(columns).with_columns(pl.col("n_queries").cast(pl.Int64))
+    return frame.select(columns).with_columns(pl.col("n_queries", "pool_size").cast(pl.Int64))

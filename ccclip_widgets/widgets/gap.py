@@ -1,15 +1,18 @@
 """The Gap view: how well captions find their images, descriptive against commentative, model against model.
 
-:class:`Gap` is a plain Python object that holds the models to compare (``{name: Embeddings}``) and builds its
-ipywidgets lazily. It shows
+:class:`Gap` is the view's state: a plain Python object (no widget import) that holds the models to compare
+(``{name: Embeddings}``), the settings, the evaluation and what the chart shows (:meth:`Gap.chart_spec`). Its
+widgets (:mod:`._gap_view`, built on first use of :attr:`Gap.widget`) draw
 
-* a grouped bar chart of text-to-image (or image-to-text) Recall@k per model, one bar per caption kind
-  (``descriptive``, ``commentative``), with 95% bootstrap confidence intervals as error bars;
+* grouped bars of text-to-image (or image-to-text) Recall@k per caption kind and language, one bar per model
+  (before / after), with 95% bootstrap confidence intervals and the chance level, and a legend;
 * a table per group (caption kind x language by default) with R@1/5/10 and their intervals for every model;
 * a "try a caption" box: type a caption and see the top images under each model side by side.
 
-Everything is computed with :func:`ccclip_widgets.evaluate.evaluate_retrieval` and
-:func:`ccclip_widgets.embed.encode_texts`; the widget only draws. Connected to a
+Every group is ranked against the same candidates, all the posts shown (``pool="all"``), so groups share one
+chance level and a small group cannot look better just because it has fewer images to choose from. Everything is
+computed with :func:`ccclip_widgets.evaluate.evaluate_retrieval` (the toolkit's one metrics engine) and
+:func:`ccclip_widgets.embed.encode_texts`; the view only draws. Connected to a
 :class:`~ccclip_widgets.widgets.finetune.FineTune` panel (:meth:`Gap.connect`), the view follows a running
 fine-tune: every evaluation during training replaces the fine-tuned model's bars, and re-embedding the posts with
 the finished model adds it for the caption box too.
@@ -26,14 +29,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from ._common import ThumbnailCache, escape, require_plotly, require_widgets, truncate
+from ._common import register_callback
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..embed import Embeddings
@@ -41,23 +44,15 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CAPTION_KIND_COLORS", "DIRECTION_LABELS", "Gap"]
+__all__ = ["DIRECTION_LABELS", "MODEL_COLORS", "Gap"]
 
-#: Bar colors of the caption kinds (others get plotly's default cycle).
-CAPTION_KIND_COLORS: dict[str, str] = {
-    "descriptive": "#4C78A8",
-    "commentative": "#F58518",
-    "all posts": "#54A24B",
-}
+#: Bar colors of the models, in the order they were added (before, after, ...).
+MODEL_COLORS: tuple[str, ...] = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756", "#72B7B2")
 #: Human labels of the evaluation directions.
 DIRECTION_LABELS: dict[str, str] = {
     "text_to_image": "text \u2192 image",
     "image_to_text": "image \u2192 text",
 }
-#: Columns never offered for grouping (plumbing or per-post values).
-_NOT_GROUPS = frozenset(
-    {"post_id", "image", "image_path", "image_bytes", "text", "image_key", "text_key", "row", "timestamp"}
-)
 _KS = (1, 5, 10)
 
 
@@ -86,7 +81,10 @@ class Gap:
         ``{name: ClipModel}`` used by the "try a caption" box to encode typed captions; models without one are
         shown in the chart and table only.
     group_by
-        Columns for the table (missing ones are skipped); the chart always splits by ``caption_kind``.
+        Columns for the table (missing ones are skipped).
+    chart_by
+        Columns whose values make the chart's bar groups, outer first (missing ones are skipped): by default
+        caption kind, then language, so every language appears in the chart.
     k
         The Recall@k shown in the chart: 1, 5 or 10.
     direction
@@ -94,8 +92,8 @@ class Gap:
     split
         Evaluate only posts whose ``split`` column equals this (e.g. ``"test"``); ``None`` uses every post.
     pool
-        Candidate pool per group, passed to :func:`~ccclip_widgets.evaluate.evaluate_retrieval`: ``"group"``
-        (a group's own posts) or ``"all"``.
+        Candidate pool per group, passed to :func:`~ccclip_widgets.evaluate.evaluate_retrieval`: ``"all"`` (the
+        default: every group against all the posts) or ``"group"`` (a group's own posts).
     n_boot, seed
         Bootstrap resamples and seed of the confidence intervals.
     top_n
@@ -116,10 +114,11 @@ class Gap:
         *,
         clip_models: Mapping[str, ClipModel] | None = None,
         group_by: Sequence[str] = ("caption_kind", "lang"),
+        chart_by: Sequence[str] = ("caption_kind", "lang"),
         k: int = 5,
         direction: str = "text_to_image",
         split: str | None = None,
-        pool: str = "group",
+        pool: str = "all",
         n_boot: int = 1000,
         seed: int = 0,
         top_n: int = 5,
@@ -129,6 +128,7 @@ class Gap:
         self._entries: dict[str, _Entry] = {}
         self._selected: list[str] | None = None  # None: every model
         self._group_by: tuple[str, ...] = tuple(group_by)
+        self._chart_by: tuple[str, ...] = tuple(chart_by)
         self._k = self._check_k(k)
         self._direction = self._check_direction(direction)
         self._split = split
@@ -139,16 +139,12 @@ class Gap:
         self.thumb_size = int(thumb_size)
         self._cache: dict[tuple[Any, ...], pl.DataFrame] = {}
         self._version = 0
-        self._thumbs = ThumbnailCache(maxsize=256)
         self.caption_results: dict[str, pl.DataFrame] = {}
         self._last_caption: str | None = None
         self._status = ""
         self._connections: list[tuple[Any, list[tuple[str, Callable[..., Any]]]]] = []
-        # widgets, built on first use
-        self._widget: Any = None
-        self._figure: Any = None
-        self._w: dict[str, Any] = {}
-        self._syncing = False
+        self._listeners: list[Callable[[set[str]], Any]] = []
+        self._view: Any = None
         clip_models = dict(clip_models or {})
         for name, emb in (models or {}).items():
             self.add_model(name, emb, clip_models.get(name))
@@ -197,7 +193,8 @@ class Gap:
             self._entries[name] = _Entry(name, image, text, table, model, self._version, note)
             if self._selected is not None and name not in self._selected:
                 self._selected.append(name)
-        self._refresh(caption=True)
+        self._changed("models")
+        self._rerun_caption()
         return self
 
     def remove_model(self, name: str) -> Gap:
@@ -218,7 +215,8 @@ class Gap:
             if self._selected is not None and name in self._selected:
                 self._selected.remove(name)
             self.caption_results.pop(name, None)
-        self._refresh(caption=True)
+        self._changed("models")
+        self._rerun_caption()
         return self
 
     def set_clip_model(self, name: str, model: ClipModel | None) -> Gap:
@@ -259,7 +257,8 @@ class Gap:
             for n in names:
                 self._entry(n)
             self._selected = list(names) if names else None
-        self._refresh()
+        self._changed("settings")
+        self._rerun_caption()
         return self
 
     # ------------------------------------------------------------------------------------------------ settings
@@ -272,7 +271,7 @@ class Gap:
             ``self``.
         """
         self._group_by = tuple(columns)
-        self._refresh()
+        self._changed("settings")
         return self
 
     @property
@@ -293,7 +292,7 @@ class Gap:
             ``self``.
         """
         self._k = self._check_k(k)
-        self._refresh()
+        self._changed("settings")
         return self
 
     @property
@@ -310,7 +309,7 @@ class Gap:
             ``self``.
         """
         self._direction = self._check_direction(direction)
-        self._refresh()
+        self._changed("settings")
         return self
 
     @property
@@ -381,16 +380,93 @@ class Gap:
         """
         return self._combined(self.group_by)
 
+    def set_chart_by(self, *columns: str) -> Gap:
+        """Make the chart's bar groups from these columns, outer first (e.g. ``"caption_kind", "lang"``).
+
+        Returns
+        -------
+        Gap
+            ``self``.
+        """
+        self._chart_by = tuple(columns)
+        self._changed("settings")
+        return self
+
+    @property
+    def chart_by(self) -> tuple[str, ...]:
+        """The chart's grouping columns that the posts actually have (at most two)."""
+        with self._lock:
+            cols: set[str] = set()
+            for e in self._entries.values():
+                cols |= set(e.table.columns)
+        return tuple(c for c in self._chart_by if c in cols)[:2]
+
     @property
     def chart_table(self) -> pl.DataFrame:
-        """The numbers behind the chart: evaluation by ``caption_kind`` only, for the shown direction."""
-        df = self._combined(("caption_kind",))
+        """The numbers behind the chart: evaluation by :attr:`chart_by`, for the shown direction.
+
+        Group values are strings (``"unlabeled"`` for missing ones); without any grouping column the one group is
+        ``caption_kind = "all posts"``.
+        """
+        by = self.chart_by
+        df = self._combined(by)
         if df.height == 0:
             return df
         df = df.filter(pl.col("direction") == self._direction)
-        if "caption_kind" not in df.columns:
-            df = df.with_columns(pl.lit("all posts").alias("caption_kind"))
-        return df.with_columns(pl.col("caption_kind").cast(pl.String).fill_null("unlabeled"))
+        if not by:
+            return df.with_columns(pl.lit("all posts").alias("caption_kind"))
+        return df.with_columns(pl.col(c).cast(pl.String).fill_null("unlabeled") for c in by)
+
+    def chart_spec(self) -> dict[str, Any]:
+        """What the chart shows, as plain data (the view turns it into plotly traces).
+
+        Returns
+        -------
+        dict
+            ``title``, ``y_title``, ``groups`` (the bar groups: one tuple of values of :attr:`chart_by` each, outer
+            first), ``bars`` (one per model: ``name``, ``color``, ``y``, ``lo``, ``hi``, ``n``, ``pool`` aligned with
+            ``groups``; NaN where a model has no such group) and ``chance`` (the Recall@k of a random ranking, one
+            per group; equal everywhere when every group is ranked against the same pool).
+        """
+        df = self.chart_table
+        k = self._k
+        by = self.chart_by or ("caption_kind",)
+        models = self.selected
+        rows = (
+            {(r["model"], tuple(r[c] for c in by)): r for r in df.iter_rows(named=True)} if df.height else {}
+        )
+        groups = sorted({key for _, key in rows}, key=lambda g: _group_order(g, by))
+        bars = []
+        with self._lock:
+            order = list(self._entries)
+        for m in models:
+            got = [rows.get((m, g)) for g in groups]
+            if not any(got):
+                continue
+            bars.append(
+                {
+                    "name": m,
+                    "color": MODEL_COLORS[order.index(m) % len(MODEL_COLORS)],
+                    "y": [_num(r[f"r_at_{k}"]) if r else float("nan") for r in got],
+                    "lo": [_num(r[f"r_at_{k}_lo"]) if r else float("nan") for r in got],
+                    "hi": [_num(r[f"r_at_{k}_hi"]) if r else float("nan") for r in got],
+                    "n": [int(r["n_queries"]) if r else 0 for r in got],
+                    "pool": [int(r["pool_size"]) if r else 0 for r in got],
+                }
+            )
+        pools = [next((int(rows[(m, g)]["pool_size"]) for m in models if (m, g) in rows), 0) for g in groups]
+        title = f"{DIRECTION_LABELS[self._direction]} retrieval: R@{k} with 95% CI"
+        if self._split:
+            title += f" ({self._split} posts)"
+        return {
+            "title": title,
+            "y_title": f"R@{k}",
+            "by": by,
+            "groups": groups,
+            "bars": bars,
+            "chance": [min(1.0, k / p) if p else float("nan") for p in pools],
+            "k": k,
+        }
 
     # ------------------------------------------------------------------------------------------------ caption box
     def try_caption(self, caption: str, top_n: int | None = None) -> dict[str, pl.DataFrame]:
@@ -428,8 +504,73 @@ class Gap:
         with self._lock:
             self.caption_results = results
             self._last_caption = caption
-        self._render_caption()
+        self._changed("caption")
         return results
+
+    def _rerun_caption(self) -> None:
+        """After the models changed, search the last caption again so the caption box matches them."""
+        if self._last_caption:
+            try:
+                self.try_caption(self._last_caption)
+            except Exception:  # the caption box shows its own errors; the models changed regardless
+                log.exception("re-running the caption search failed")
+        else:
+            self._changed("caption")
+
+    def _notes(self) -> dict[str, str]:
+        with self._lock:
+            return {n: e.note for n, e in self._entries.items() if e.note}
+
+    # ------------------------------------------------------------------------------------------------ view
+    def on_change(self, callback: Callable[[set[str]], Any], remove: bool = False) -> Gap:
+        """Call ``callback(parts)`` when what is shown changes (``models``, ``settings``, ``caption``, ``status``):
+        the view's one update path. Returns ``self``."""
+        with self._lock:
+            register_callback(self._listeners, callback, remove)
+        return self
+
+    def _changed(self, *parts: str) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for cb in listeners:
+            try:
+                cb(set(parts))
+            except Exception:
+                log.exception("a Gap view listener failed")
+
+    @property
+    def view(self) -> Any:
+        """The :class:`~ccclip_widgets.widgets._gap_view.GapView` (built on first use)."""
+        if self._view is None:
+            from ._gap_view import GapView
+
+            self._view = GapView(self)
+        return self._view
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets box (built on first access)."""
+        return self.view.widget
+
+    @property
+    def figure(self) -> Any:
+        """The bar chart (a plotly ``FigureWidget``)."""
+        return self.view.figure
+
+    def show(self) -> Any:
+        """Display the widget (in Jupyter) and return it."""
+        from IPython.display import display
+
+        display(self.widget)
+        return self.widget
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"Gap(models={self.models}, group_by={self.group_by}, k={self._k}, direction={self._direction!r})"
+        )
 
     # ------------------------------------------------------------------------------------------------ live link
     def connect(self, finetune: Any, name: str = "fine-tuned", *, live: bool = True) -> Gap:
@@ -503,284 +644,13 @@ class Gap:
             ``self``.
         """
         self._status = str(text)
-        w = self._w.get("status")
-        if w is not None:
-            w.value = f'<span style="color:#555">{escape(self._status)}</span>'
+        self._changed("status")
         return self
 
-    # ------------------------------------------------------------------------------------------------ widgets
     @property
-    def figure(self) -> Any:
-        """The bar chart (a plotly ``FigureWidget``): one trace per caption kind, one bar group per model."""
-        if self._figure is None:
-            go = require_plotly()
-            fig = go.FigureWidget()
-            fig.update_layout(
-                barmode="group",
-                height=360,
-                margin={"l": 50, "r": 20, "t": 50, "b": 40},
-                xaxis={"type": "category", "title": {"text": "model"}},
-                yaxis={"range": [0, 1.05], "title": {"text": "Recall@k"}},
-                legend={"title": {"text": "caption kind"}},
-                template="plotly_white",
-            )
-            fig.add_class("ccclip-gap-chart")
-            self._figure = fig
-            self._update_figure()
-        return self._figure
-
-    def _update_figure(self) -> None:
-        fig = self._figure
-        if fig is None:
-            return
-        df = self.chart_table
-        k = self._k
-        models = self.selected
-        kinds = _kind_order(df["caption_kind"].to_list()) if df.height else []
-        traces = []
-        for kind in kinds:
-            rows = {r["model"]: r for r in df.filter(pl.col("caption_kind") == kind).iter_rows(named=True)}
-            xs = [m for m in models if m in rows]
-            y = [_num(rows[m][f"r_at_{k}"]) for m in xs]
-            lo = [_num(rows[m][f"r_at_{k}_lo"]) for m in xs]
-            hi = [_num(rows[m][f"r_at_{k}_hi"]) for m in xs]
-            custom = [[rows[m]["n_queries"], rows[m]["pool_size"], lo[i], hi[i]] for i, m in enumerate(xs)]
-            traces.append(
-                {
-                    "name": kind,
-                    "x": xs,
-                    "y": y,
-                    "error_y": {
-                        "type": "data",
-                        "symmetric": False,
-                        "array": [max(0.0, h - v) for h, v in zip(hi, y)],
-                        "arrayminus": [max(0.0, v - lo_) for lo_, v in zip(lo, y)],
-                        "visible": True,
-                        "thickness": 1.5,
-                        "width": 6,
-                    },
-                    "customdata": custom,
-                    "marker": {"color": CAPTION_KIND_COLORS.get(kind)},
-                    "hovertemplate": (
-                        f"%{{x}} \u00b7 {kind}<br>R@{k} = %{{y:.3f}} [%{{customdata[2]:.3f}}, "
-                        "%{customdata[3]:.3f}]<br>%{customdata[0]} queries, pool %{customdata[1]}<extra></extra>"
-                    ),
-                }
-            )
-        title = f"{DIRECTION_LABELS[self._direction]} retrieval: R@{k} with 95% CI"
-        if self._split:
-            title += f" ({self._split} posts)"
-        names = [t.name for t in fig.data]
-        if names == [t["name"] for t in traces]:
-            with fig.batch_update():
-                for trace, spec in zip(fig.data, traces):
-                    trace.update(spec)
-                fig.layout.title.text = title
-                fig.layout.yaxis.title.text = f"R@{k}"
-        else:
-            go = require_plotly()
-            with fig.batch_update():
-                fig.data = []
-                fig.layout.title.text = title
-                fig.layout.yaxis.title.text = f"R@{k}"
-            fig.add_traces([go.Bar(**spec) for spec in traces])
-
-    def _render_table(self) -> None:
-        w = self._w.get("table")
-        if w is None:
-            return
-        w.value = _table_html(self.table, self.group_by, self._direction, self._k, self._notes())
-
-    def _notes(self) -> dict[str, str]:
-        with self._lock:
-            return {n: e.note for n, e in self._entries.items() if e.note}
-
-    def _render_caption(self) -> None:
-        w = self._w.get("results")
-        if w is None:
-            return
-        with self._lock:
-            results = dict(self.caption_results)
-            caption = self._last_caption
-            entries = {n: self._entries[n] for n in self.selected}
-        if not caption:
-            w.value = '<div style="color:#777">Type a caption and press Search.</div>'
-            return
-        cols = []
-        for name, e in entries.items():
-            head = f'<div style="font-weight:bold;margin-bottom:4px">{escape(name)}</div>'
-            if name not in results:
-                why = (
-                    "training: re-embed the posts with the finished model"
-                    if e.note
-                    else "no model to encode text"
-                )
-                cols.append(
-                    f'<div class="ccclip-gap-try-model" data-model="{escape(name)}" style="min-width:160px">'
-                    f'{head}<div style="color:#777">{escape(why)}</div></div>'
-                )
-                continue
-            cards = []
-            rows = {r["post_id"]: r for r in e.table.iter_rows(named=True)} if results[name].height else {}
-            for hit in results[name].iter_rows(named=True):
-                post = rows[hit["post_id"]]
-                img = self._thumbs.img_html(post, self.thumb_size)
-                cards.append(
-                    f'<div class="ccclip-gap-hit" data-post-id="{escape(hit["post_id"])}" '
-                    'style="display:flex;gap:6px;align-items:flex-start;margin-bottom:6px">'
-                    f'{img}<div style="font-size:12px;min-width:0">'
-                    f'<div style="font-family:monospace">#{hit["rank"]} {escape(hit["post_id"])}</div>'
-                    f'<div style="color:#555">score {hit["score"]:.3f}</div>'
-                    f"<div>{escape(truncate(hit['text'], 90))}</div></div></div>"
-                )
-            cols.append(
-                f'<div class="ccclip-gap-try-model" data-model="{escape(name)}" style="min-width:200px;flex:1">'
-                f"{head}{''.join(cards)}</div>"
-            )
-        w.value = (
-            f'<div style="margin:4px 0">Top images for <i>{escape(caption)}</i></div>'
-            f'<div style="display:flex;gap:16px;align-items:flex-start">{"".join(cols)}</div>'
-        )
-
-    def _refresh(self, caption: bool = False) -> None:
-        """Recompute what is shown (only the parts that exist) and sync the controls."""
-        if self._widget is None and self._figure is None:
-            return
-        self._sync_controls()
-        self._update_figure()
-        self._render_table()
-        if caption and self._last_caption:
-            self.try_caption(self._last_caption)
-
-    def _group_options(self) -> list[str]:
-        with self._lock:
-            tables = [e.table for e in self._entries.values()]
-        opts: dict[str, None] = {}
-        for t in tables:
-            for c, dt in t.schema.items():
-                if c in _NOT_GROUPS:
-                    continue
-                if dt in (pl.String, pl.Categorical, pl.Boolean) or dt.is_integer():
-                    opts.setdefault(c, None)
-        for c in self._group_by:
-            opts.setdefault(c, None)
-        return list(opts)
-
-    def _sync_controls(self) -> None:
-        if not self._w:
-            return
-        self._syncing = True
-        try:
-            w = self._w
-            w["models"].options = self.models
-            w["models"].value = tuple(self.selected)
-            opts = self._group_options()
-            w["group_by"].options = opts
-            w["group_by"].value = tuple(c for c in self._group_by if c in opts)
-            w["k"].value = f"R@{self._k}"
-            w["direction"].value = self._direction
-        finally:
-            self._syncing = False
-
-    @property
-    def widget(self) -> Any:
-        """The ipywidgets box (built on first access)."""
-        if self._widget is None:
-            self._build()
-        return self._widget
-
-    def _build(self) -> None:
-        widgets = require_widgets()
-        fig = self.figure
-        w: dict[str, Any] = {}
-        w["models"] = widgets.SelectMultiple(
-            options=self.models, value=tuple(self.selected), description="models", rows=3
-        )
-        opts = self._group_options()
-        w["group_by"] = widgets.SelectMultiple(
-            options=opts, value=tuple(c for c in self._group_by if c in opts), description="group by", rows=3
-        )
-        w["k"] = widgets.ToggleButtons(
-            options=[f"R@{k}" for k in _KS], value=f"R@{self._k}", description="metric"
-        )
-        w["k"].style.button_width = "56px"
-        w["direction"] = widgets.ToggleButtons(
-            options=[(label, key) for key, label in DIRECTION_LABELS.items()], value=self._direction
-        )
-        w["direction"].style.button_width = "110px"
-        w["table"] = widgets.HTML()
-        w["table"].add_class("ccclip-gap-table")
-        w["status"] = widgets.HTML(f'<span style="color:#555">{escape(self._status)}</span>')
-        w["caption"] = widgets.Text(
-            placeholder="type a caption, e.g. 'monday mood'", layout={"width": "420px"}
-        )
-        w["caption"].add_class("ccclip-gap-try-input")
-        w["search"] = widgets.Button(description="Search", icon="search", button_style="primary")
-        w["search"].add_class("ccclip-gap-try-button")
-        w["results"] = widgets.HTML()
-        w["results"].add_class("ccclip-gap-try-results")
-        self._w = w
-
-        def on_models(change: Any) -> None:
-            if not self._syncing:
-                with self._lock:
-                    self._selected = list(change["new"])
-                self._refresh(caption=True)
-
-        def on_group(change: Any) -> None:
-            if not self._syncing:
-                self.set_group_by(*change["new"])
-
-        def on_k(change: Any) -> None:
-            if not self._syncing:
-                self.set_k(int(str(change["new"]).split("@")[1]))
-
-        def on_direction(change: Any) -> None:
-            if not self._syncing:
-                self.set_direction(change["new"])
-
-        def on_search(_: Any = None) -> None:
-            try:
-                self.try_caption(w["caption"].value)
-            except Exception as exc:  # show the problem in the panel, not only in the log
-                message = f"{escape(type(exc).__name__)}: {escape(exc)}"
-                w["results"].value = f'<div style="color:#b00">{message}</div>'
-
-        w["models"].observe(on_models, names="value")
-        w["group_by"].observe(on_group, names="value")
-        w["k"].observe(on_k, names="value")
-        w["direction"].observe(on_direction, names="value")
-        w["search"].on_click(on_search)
-        w["caption"].continuous_update = False
-        w["caption"].observe(lambda ch: on_search() if ch["new"] else None, names="value")
-
-        chart_box = widgets.VBox([fig])
-        chart_box.add_class("ccclip-gap-chart-box")
-        try_box = widgets.VBox(
-            [widgets.HTML("<b>Try a caption</b>"), widgets.HBox([w["caption"], w["search"]]), w["results"]]
-        )
-        try_box.add_class("ccclip-gap-try")
-        controls = widgets.HBox([w["models"], w["group_by"], widgets.VBox([w["k"], w["direction"]])])
-        box = widgets.VBox([controls, chart_box, w["status"], w["table"], try_box])
-        box.add_class("ccclip-gap")
-        self._widget = box
-        self._render_table()
-        self._render_caption()
-
-    def show(self) -> Any:
-        """Display the widget (in Jupyter) and return it."""
-        from IPython.display import display
-
-        display(self.widget)
-        return self.widget
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
-
-    def __repr__(self) -> str:
-        return (
-            f"Gap(models={self.models}, group_by={self.group_by}, k={self._k}, direction={self._direction!r})"
-        )
+    def status(self) -> str:
+        """The one-line status under the chart."""
+        return self._status
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -788,10 +658,14 @@ def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _kind_order(kinds: Iterable[Any]) -> list[str]:
-    present = list(dict.fromkeys(str(k) for k in kinds))
-    first = [k for k in ("descriptive", "commentative") if k in present]
-    return first + [k for k in present if k not in first]
+def _group_order(group: tuple[str, ...], by: tuple[str, ...]) -> tuple[Any, ...]:
+    """Sort key of a bar group: descriptive before commentative, English first, then alphabetical."""
+    first = {"caption_kind": ("descriptive", "commentative"), "lang": ("en",)}
+    key: list[Any] = []
+    for col, value in zip(by, group, strict=True):
+        pref = first.get(col, ())
+        key += [pref.index(value) if value in pref else len(pref), value]
+    return tuple(key)
 
 
 def _top_images(entry: _Entry, query: np.ndarray, n: int) -> pl.DataFrame:
@@ -819,55 +693,4 @@ def _top_images(entry: _Entry, query: np.ndarray, n: int) -> pl.DataFrame:
             "score": pl.Series(scores[picked].astype(np.float64) if picked else [], dtype=pl.Float64),
             "text": sub["text"].cast(pl.String),
         }
-    )
-
-
-def _ci_cell(row: Mapping[str, Any], k: int, bold: bool) -> str:
-    est = row.get(f"r_at_{k}")
-    if est is None or np.isnan(est):
-        return "<td>-</td>"
-    lo, hi = row.get(f"r_at_{k}_lo"), row.get(f"r_at_{k}_hi")
-    ci = ""
-    if lo is not None and hi is not None and not np.isnan(lo):
-        ci = f' <span style="color:#888;font-size:11px">[{lo:.2f}, {hi:.2f}]</span>'
-    value = f"<b>{est:.2f}</b>" if bold else f"{est:.2f}"
-    return f'<td style="text-align:right;padding:2px 8px">{value}{ci}</td>'
-
-
-def _table_html(
-    df: pl.DataFrame, group_by: Sequence[str], direction: str, k: int, notes: Mapping[str, str]
-) -> str:
-    """One row per group, per model R@1/5/10 with intervals, for one direction."""
-    if df.height == 0:
-        return '<div style="color:#777">No models yet: add one with Gap.add_model(name, embeddings).</div>'
-    df = df.filter(pl.col("direction") == direction)
-    gcols = [c for c in group_by if c in df.columns]
-    models = list(dict.fromkeys(df["model"].to_list()))
-    by_key: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-    for r in df.iter_rows(named=True):
-        by_key.setdefault(tuple(r[c] for c in gcols), {})[r["model"]] = r
-    th = 'style="text-align:left;padding:2px 8px;border-bottom:1px solid #ccc"'
-    head1 = "".join(f"<th {th} rowspan=2>{escape(c)}</th>" for c in gcols)
-    head1 += f"<th {th} rowspan=2>n</th><th {th} rowspan=2>pool</th>"
-    for m in models:
-        label = escape(m) + (f' <span style="color:#888">({escape(notes[m])})</span>' if m in notes else "")
-        head1 += f'<th {th} colspan={len(_KS)} data-model="{escape(m)}">{label}</th>'
-    head2 = "".join(f"<th {th}>R@{kk}</th>" for _ in models for kk in _KS)
-    body = []
-    for key, per_model in by_key.items():
-        ref = next(iter(per_model.values()))
-        cells = "".join(f'<td style="padding:2px 8px">{escape(v)}</td>' for v in key)
-        cells += f'<td style="padding:2px 8px">{ref["n_queries"]}</td><td style="padding:2px 8px">{ref["pool_size"]}</td>'
-        for m in models:
-            r = per_model.get(m)
-            cells += "".join(_ci_cell(r, kk, kk == k) if r else "<td>-</td>" for kk in _KS)
-        body.append(f"<tr>{cells}</tr>")
-    caption = (
-        f"{DIRECTION_LABELS.get(direction, direction)} retrieval by {', '.join(gcols) or 'all posts'}: "
-        "Recall@k with 95% bootstrap intervals; n = queries, pool = candidates per group"
-    )
-    return (
-        f'<table class="ccclip-gap-table-body" style="border-collapse:collapse;font-size:13px">'
-        f'<caption style="caption-side:top;text-align:left;color:#555">{escape(caption)}</caption>'
-        f"<thead><tr>{head1}</tr><tr>{head2}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     )

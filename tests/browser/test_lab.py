@@ -11,7 +11,6 @@ Run with ``pytest tests/browser`` (needs Debian's ``/usr/bin/chromium``); they t
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -193,76 +192,4 @@ def test_explorer_click_shows_neighbors(page: Any, lab: Any, tmp_path: Path) -> 
     _check_console(page, nb)
 
 
-def test_gap_chart_shows_both_caption_kinds(page: Any, lab: Any, tmp_path: Path) -> None:
-    nb = "notebooks/03_the_gap.ipynb"
-    _open_notebook(page, lab, nb)
-    _run_all(page, nb)
-
-    page.wait_for_selector(".ccclip-gap-chart .main-svg", state="attached", timeout=KERNEL_TIMEOUT_MS)
-    page.locator(".ccclip-gap-chart").first.scroll_into_view_if_needed()
-    page.wait_for_function(
-        "() => document.querySelectorAll('.ccclip-gap-chart .legendtext').length >= 2", timeout=60_000
-    )
-    legend = " | ".join(page.locator(".ccclip-gap-chart .legendtext").all_text_contents())
-    assert "descriptive" in legend and "commentative" in legend, f"legend: {legend!r}"
-
-    _shot(page, ".ccclip-gap", tmp_path / "gap.png", DOCS_IMG / "gap.png")
-    page.screenshot(path=str(tmp_path / "gap-page.png"))
-    _check_console(page, nb)
-
-
-_WATCH_FT_JS = """() => {
-  window.__ftSeen = [];
-  const note = () => {
-    const s = document.querySelector('.ccclip-ft-status [data-status]');
-    const label = document.querySelector('.ccclip-ft-progress .widget-label');
-    const bar = document.querySelector('.ccclip-ft-progress .progress-bar');
-    window.__ftSeen.push({status: s ? s.dataset.status : null, label: label ? label.textContent : null,
-                          width: bar ? bar.style.width : null});
-  };
-  note();
-  new MutationObserver(note).observe(document.querySelector('.ccclip-ft'),
-    {subtree: true, childList: true, attributes: true, characterData: true});
-}"""
-
-
-def test_finetune_start_runs_to_finished(page: Any, lab: Any, tmp_path: Path) -> None:
-    nb = "notebooks/02_finetune.ipynb"
-    _open_notebook(page, lab, nb)
-    _run_all(page, nb)  # the notebook itself trains once (2 steps in smoke mode) and waits for it
-
-    status = page.locator(".ccclip-ft-status [data-status]").first
-    assert status.get_attribute("data-status") == "finished"
-    start = page.locator(".ccclip-ft-start").first
-    start.scroll_into_view_if_needed()
-    page.evaluate(_WATCH_FT_JS)
-    start.click()  # a second run, from a fresh copy of the base model
-
-    page.wait_for_function(
-        "() => window.__ftSeen.some(s => s.status === 'running')"
-        " && document.querySelector('.ccclip-ft-status [data-status]').dataset.status === 'finished'",
-        timeout=KERNEL_TIMEOUT_MS,
-    )
-    seen = page.evaluate("() => window.__ftSeen")
-    statuses = [s["status"] for s in seen]
-    assert "failed" not in statuses, seen
-    widths = [float(s["width"].rstrip("%")) for s in seen if s["width"]]
-    assert widths and min(widths) < 100.0, f"the progress bar never restarted: {seen}"
-    bar_width = page.locator(".ccclip-ft-progress .progress-bar").first.evaluate("e => e.style.width")
-    assert float(bar_width.rstrip("%") or 0) > 0, f"progress bar at {bar_width!r} after a finished run"
-    label = page.locator(".ccclip-ft-progress .widget-label").first.inner_text()
-    done, _, total = label.partition("/")
-    assert int(done) > 0 and int(total) > 0, f"progress label {label!r}"
-
-    try:  # let the loss curve draw its points before the picture (not asserted: plotly redraws lazily)
-        page.wait_for_function(
-            "() => { let g = document.querySelector('.ccclip-ft-loss');"
-            " if (g && !g._fullLayout) g = g.querySelector('.js-plotly-plot');"
-            " return !!g && !!g.data && g.data.length > 0 && g.data[0].x && g.data[0].x.length > 0; }",
-            timeout=20_000,
-        )
-    except PlaywrightTimeout:
-        warnings.warn("the FineTune loss curve showed no points after a finished run", stacklevel=1)
-    _shot(page, ".ccclip-ft", tmp_path / "finetune.png", DOCS_IMG / "finetune.png")
-    page.screenshot(path=str(tmp_path / "finetune-page.png"))
-    _check_console(page, nb)
+# The Gap and FineTune tests moved to test_lab_training.py (with the interrupt test and the full-demo Gap).
