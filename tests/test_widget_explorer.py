@@ -218,8 +218,8 @@ def test_mode_switches_change_results(explorer: Explorer) -> None:
     assert "p0008" not in results["image_to_images"] and "p0008" not in results["text_to_texts"]
     # the mode menu drives the same method, and set_mode moves the menu without querying twice
     calls = []
-    update = explorer._update_neighbors
-    explorer._update_neighbors = lambda: (calls.append(1), update())[1]
+    update = explorer._refresh_neighbors
+    explorer._refresh_neighbors = lambda: (calls.append(1), update())[1]
     explorer.panels["mode"].value = "image_to_texts"
     assert explorer.neighbors["post_id"].to_list() == list(results["image_to_texts"])
     explorer.set_mode("text_to_texts")
@@ -273,7 +273,10 @@ def test_color_by_changes_marker_arrays(explorer: Explorer, emb: Embeddings) -> 
     kinds = emb.posts.table["caption_kind"].to_list()
     cats = ["commentative", "descriptive"]
     assert [cats[c] for c in codes] == kinds
-    assert list(_main(fig).marker.colorbar.ticktext) == cats
+    # the legend is HTML beside the map, not a color bar on it (a hover label must never cover it)
+    assert not _main(fig).marker.showscale
+    legend = explorer.panels["legend"].value
+    assert all(f'data-category="{c}"' in legend for c in cats)
 
     explorer.set_color("commentativeness")
     vals = _main(fig).marker.color
@@ -485,7 +488,7 @@ def test_setters_chain_and_work_before_display(emb: Embeddings, model) -> None:
         .select([1, 2])
         .search("a circle")
     )
-    assert out is ex and ex._ui is None  # all state, no widgets yet
+    assert out is ex and ex.view is None  # all state, no widgets yet
     assert ex.neighbors.height == 4 and ex.search_results.height == 4
     p = ex.panels  # built now, showing the state set before
     assert 'data-post-id="p0001"' in p["card"].value
@@ -535,18 +538,18 @@ def test_default_layouts_come_from_the_projection_backend(emb: Embeddings, emb2:
 
     kw = {"n_epochs": 50}
     ex = Explorer(emb, compare=emb2, projection_kwargs=kw, show_progress=False)
-    for xy in (ex.coords, ex._views[1].coords):
+    for xy in (ex.coords, ex.maps[1].coords):
         assert xy.shape == (len(emb), 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
     expected = projection.project_posts(ex.indexes[0], kind="image", show_progress=False, **kw)
     assert np.allclose(ex.coords, expected, atol=1e-4)
     # the second map is aligned to the first: closer to it than its unaligned version would be
     raw = projection.fit_umap(ex.indexes[1].vectors("image"), show_progress=False, **kw)
-    aligned_err = np.abs(ex._views[1].coords - ex.coords).mean()
+    aligned_err = np.abs(ex.maps[1].coords - ex.coords).mean()
     assert aligned_err <= np.abs(projection.procrustes_align(raw, ex.coords) - ex.coords).mean() * 1.5
     # both layouts are cached by fingerprint: a second Explorer reuses them
     again = Explorer(emb, compare=emb2, projection_kwargs=kw, show_progress=False)
     assert np.array_equal(again.coords, ex.coords)
-    assert np.array_equal(again._views[1].coords, ex._views[1].coords)
+    assert np.array_equal(again.maps[1].coords, ex.maps[1].coords)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
