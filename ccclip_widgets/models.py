@@ -634,20 +634,29 @@ def _finish(
 
 
 class _DropExpected(logging.Filter):
-    """Drops open_clip's root-logger notes that are expected when a text tower comes from a package."""
+    """Drops open_clip's root-logger notes that are expected when a text tower comes from a package, and its
+    "No pretrained weights loaded ... initialized randomly" when the caller loads the weights right after (a
+    saved checkpoint, the demo model)."""
+
+    def __init__(self, weights_follow: bool = False) -> None:
+        super().__init__()
+        self.weights_follow = weights_follow
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        if self.weights_follow and "No pretrained weights loaded" in msg:
+            return False
         return "initialized partially" not in msg and "LOAD REPORT" not in msg
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence expected load chatter (MiniLM's unused pooler weights, partial-init notes) while building."""
+def _quiet_transformers(weights_follow: bool = False) -> Iterator[None]:
+    """Silence expected load chatter (MiniLM's unused pooler weights, partial-init notes) while building;
+    ``weights_follow`` also silences open_clip's "initialized randomly" note (the caller loads weights next)."""
     names = ("transformers", "transformers.modeling_utils", "transformers.utils.loading_report")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
-    drop = _DropExpected()
+    drop = _DropExpected(weights_follow)
     root = logging.getLogger()
     root.addFilter(drop)
     for h in root.handlers:
@@ -719,7 +728,8 @@ def _load_toolkit_checkpoint(folder: Path, device: torch.device, precision: str,
     partial = bool(meta.get("partial", False))
     pre_cfg = meta.get("preprocess_cfg") or None
     try:
-        with _quiet_transformers():  # a partial checkpoint takes its text tower from the package
+        # a partial checkpoint takes its text tower from the package; the weights are loaded just below
+        with _quiet_transformers(weights_follow=True):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 reg_name,
                 pretrained=None,

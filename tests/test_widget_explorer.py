@@ -584,3 +584,99 @@ def test_importing_the_explorer_loads_no_widget_library() -> None:
         "bad = [m for m in ('ipywidgets', 'plotly') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------ issue 13 view
+def test_side_panel_puts_the_card_first_and_search_under_its_heading(explorer: Explorer, model) -> None:
+    p = explorer.panels
+    side = p["side"].children
+    assert side.index(p["card"]) < side.index(p["neighbors"]) < side.index(p["search_results"])
+    assert p["search_results"].layout.display == "none"  # nothing searched: no empty heading
+    explorer.click("p0003").search("a red circle")
+    assert "Search results" in p["search_heading"].value and "a red circle" in p["search_heading"].value
+    assert p["search_results"].layout.display is None and len(explorer.search_buttons()) == K
+    p["search_clear"].click()
+    assert explorer.search_results is None and p["search_results"].layout.display == "none"
+    assert explorer.current_post_id == "p0003"  # clearing the search keeps the open post
+    assert "Neighbors" in p["neighbor_heading"].value
+
+
+def test_neighbor_filter_menu_is_one_choice(explorer: Explorer, emb: Embeddings) -> None:
+    p = explorer.panels
+    labels = [lbl for lbl, _ in p["neighbor_filter"].options]
+    assert "commentative \u00b7 de" in labels and "any post" in labels
+    explorer.click("p0004")
+    p["neighbor_filter"].value = labels.index("commentative \u00b7 de")
+    assert explorer.neighbor_filter == {"caption_kind": ["commentative"], "lang": ["de"]}
+    table = emb.posts.table
+    got = explorer.neighbors["index"]
+    assert set(table["caption_kind"].gather(got)) == {"commentative"} and set(table["lang"].gather(got)) == {
+        "de"
+    }
+    assert [r.children[2].value.count('data-post-id="') for r in explorer.neighbor_rows()] == [1] * got.len()
+    assert "only" in p["neighbor_heading"].value
+    explorer.set_filter(caption_kind="descriptive")  # code moves the menu
+    assert p["neighbor_filter"].label == "descriptive"
+    explorer.set_filter()
+    assert p["neighbor_filter"].value == 0
+
+
+def test_map_filter_controls_fade_points(explorer: Explorer) -> None:
+    p = explorer.panels
+    fig = explorer.figures[0]
+    p["map_filter_column"].value = "lang"
+    assert p["map_filter_values"].layout.display is None and set(p["map_filter_values"].options) == {
+        "de",
+        "en",
+    }
+    p["map_filter_values"].value = ("de",)
+    assert explorer.map_filter == {"lang": ["de"]}
+    op = _main(fig).marker.opacity
+    assert isinstance(op, np.ndarray) and op.dtype == np.float32
+    de = (explorer.posts["lang"] == "de").to_numpy()
+    assert (op[de] > 0.5).all() and (op[~de] < 0.1).all()
+    assert "match the map filter" in p["status"].value
+    _send_points(fig, "plotly_selected", list(range(24)), selector={"type": "box", "selector_state": {}})
+    assert set(explorer.selection["lang"]) == {"de"}
+    p["map_filter_column"].value = "likes"
+    assert p["map_filter_range"].layout.display is None
+    p["map_filter_range"].value = (21.0, 70.0)
+    assert explorer.map_filter["likes"] == (21.0, 70.0)
+    p["map_filter_clear"].click()
+    assert explorer.visible is None and not isinstance(_main(fig).marker.opacity, np.ndarray)
+
+
+def test_cluster_labels_toggle_annotations(explorer: Explorer) -> None:
+    fig = explorer.figures[0]
+    assert len(fig.layout.annotations) == 0
+    explorer.panels["clusters"].value = True
+    assert explorer.show_clusters and len(fig.layout.annotations) == explorer.clusters.height
+    explorer.set_cluster_labels(False)
+    assert len(fig.layout.annotations) == 0 and explorer.panels["clusters"].value is False
+
+
+def test_changes_panel_with_two_models(emb: Embeddings, emb2: Embeddings, model, second_model) -> None:
+    ex = Explorer(
+        emb,
+        compare=emb2,
+        model=model,
+        compare_model=second_model,
+        coords=_coords(len(emb)),
+        compare_coords=_coords(len(emb), 1),
+        k=K,
+        show_progress=False,
+    )
+    p = ex.panels
+    ex.click("p0006")
+    table = p["rank_changes"].value
+    assert "ccclip-rank-table" in table and all(
+        f'data-post-id="{pid}"' in table for pid in ex.neighbors["post_id"]
+    )
+    assert all("other model:" in r.children[2].value for r in ex.neighbor_rows())
+    p["moved_button"].click()
+    moved = p["moved_list"].children[1:]
+    assert len(moved) == 15 and "rank of own image" in moved[0].children[2].value
+    first = ex.text_shift()["post_id"][0]
+    assert first in moved[0].children[1].description
+    moved[0].children[1].click()
+    assert ex.current_post_id == first
