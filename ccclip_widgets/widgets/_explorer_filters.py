@@ -156,7 +156,8 @@ class FiltersAndColors:
         if "cluster_codes" not in self._derived:
             from ..clusters import cluster_map
 
-            self._derived["cluster_codes"] = cluster_map(self.coords, seed=self._seed)
+            kw = {"seed": self._seed, **self._derived.get("cluster_kwargs", {})}
+            self._derived["cluster_codes"] = cluster_map(self.coords, **kw)
         return self._derived["cluster_codes"]
 
     def _derived_values(self, name: str) -> np.ndarray:

@@ -446,8 +446,19 @@ class ExplorerState(FiltersAndColors):
         """Drop every map filter."""
         return self._set(map_filter={})
 
-    def set_cluster_labels(self, show: bool = True) -> ExplorerState:
-        """Draw (or hide) the map's clusters labelled with their characteristic words."""
+    def set_cluster_labels(self, show: bool = True, **cluster_kwargs: Any) -> ExplorerState:
+        """Draw (or hide) the map's clusters labelled with their characteristic words.
+
+        ``cluster_kwargs`` (``n_clusters``, ``method``, ``min_cluster_size``) go to
+        :func:`ccclip_widgets.clusters.cluster_map`; new ones recompute the clusters (and a cluster coloring).
+        """
+        if cluster_kwargs and cluster_kwargs != self._derived.get("cluster_kwargs", {}):
+            for key in ("cluster_codes", "clusters"):
+                self._derived.pop(key, None)
+            self._derived["cluster_kwargs"] = dict(cluster_kwargs)
+            if self._color.column == "cluster":
+                self._color = self._make_color("cluster")
+                self._update(color=self._color)
         if show:
             self.clusters  # noqa: B018 - compute them now, so a failure surfaces at the call
         return self._set(show_clusters=bool(show))
