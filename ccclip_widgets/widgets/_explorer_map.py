@@ -212,7 +212,7 @@ class MapFigure:
                 {
                     "x": x,
                     "y": y,
-                    "text": escape(label.replace(" \u00b7 ", "<br>", 1) if len(label) > 18 else label),
+                    "text": _two_lines(label),
                     "showarrow": False,
                     "font": {"size": 11, "color": "#222"},
                     "bgcolor": "rgba(255,255,255,0.75)",
@@ -262,6 +262,14 @@ class MapFigure:
             if inside is not None:
                 rows = inside
         self.ex._guard(self.ex.select, np.unique(rows), source=self.vi)
+
+
+def _two_lines(label: str) -> str:
+    """An annotation's text, escaped; a long label breaks after its first word."""
+    words = [escape(w) for w in label.split(" \u00b7 ")]
+    if len(label) > 18 and len(words) > 1:
+        return words[0] + "<br>" + " \u00b7 ".join(words[1:])
+    return " \u00b7 ".join(words)
 
 
 def _forward(ex: Explorer, what: str, fig: MapFigure, trace: Any, points: Any, state: Any) -> None:

@@ -215,9 +215,12 @@ class ExplorerView:
 
     # ============================================================================== building blocks
     def _list_box(self, title: str) -> Any:
+        """A titled column of rows: side by side (two models) the columns share the width; stacked in the side
+        panel a list keeps its full height (a zero flex basis there would collapse it to nothing)."""
         w = require_widgets()
         head = w.HTML(f"<b>{escape(title)}</b>" if title else "")
-        return w.VBox([head], layout=w.Layout(flex="1 1 0", min_width="0"))
+        side_by_side = len(self.ex.maps) > 1
+        return w.VBox([head], layout=w.Layout(flex="1 1 0" if side_by_side else "0 0 auto", min_width="0"))
 
     def _changes_panel(self, w: Any, p: dict[str, Any]) -> Any:
         p["rank_changes"] = w.HTML()
@@ -254,8 +257,10 @@ class ExplorerView:
         btn.on_click(
             lambda b: self.ex._guard(self.ex.click, b.target_row) if b.target_row is not None else None
         )
-        text = w.HTML(layout=w.Layout(flex="1 1 auto", min_width="0"))
-        box = w.HBox([thumb, btn, text], layout=w.Layout(align_items="center"))
+        # the text wraps onto its own full-width line under the thumbnail and button (a narrow side panel
+        # would otherwise squeeze it into a column a few words wide)
+        text = w.HTML(layout=w.Layout(flex="1 1 100%", min_width="0"))
+        box = w.HBox([thumb, btn, text], layout=w.Layout(align_items="center", flex_flow="row wrap"))
         box.add_class("ccclip-neighbor")
         return box
 
