@@ -16,7 +16,7 @@ methods code calls::
 Layout: a toolbar (color, neighbor mode, k, neighbor filter; map filter and cluster labels; search), the legend,
 then the map(s) beside a side panel holding, top down, the open post's card, its neighbors, with two models what
 changed, and the search results under their own heading with a Clear button. The hover preview sits under the map.
-With the defaults (map 480 px, side panel 360 px) the widget is about 850 px wide, which fits a 1280 px window
+With the defaults (map 460 px, side panel 350 px) the widget is about 820 px wide, which fits a 1280 px window
 with JupyterLab's file browser open (checked by ``tests/browser/test_lab.py``).
 
 DOM hooks for browser tests (CSS classes):
@@ -105,9 +105,9 @@ class Explorer(ExplorerState):
         density: bool | Literal["auto"] = "auto",
         height: int = 500,
         map_width: int | None = None,
-        side_width: int = 360,
+        side_width: int = 350,
         thumbnail_size: int = 48,
-        card_image_size: int = 160,
+        card_image_size: int = 140,
         show_progress: bool = True,
         progress: Any = None,
         **state: Any,
@@ -119,7 +119,7 @@ class Explorer(ExplorerState):
         self._hover_text_limit = int(hover_text_limit)
         self._density = density
         self._height = int(height)
-        self._map_width = int(map_width) if map_width else (480 if state.get("compare") is None else 460)
+        self._map_width = int(map_width) if map_width else 460
         self._side_width = int(side_width)
         self._thumb_size = int(thumbnail_size)
         self._card_size = int(card_image_size)

@@ -224,7 +224,13 @@ def _click_point_in_view(page: Any) -> dict:
 
 
 def _assert_in_window(page: Any, selector: str, size: dict) -> dict:
-    box = page.locator(selector).first.bounding_box()
+    deadline = time.monotonic() + 5.0  # let the panel finish reflowing after the click
+    while True:
+        box = page.locator(selector).first.bounding_box()
+        inside = box is not None and box["x"] >= 0 and box["x"] + box["width"] <= size["width"] + 1
+        if inside or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert box is not None, f"{selector} is not shown"
     assert box["x"] >= 0 and box["y"] >= 0, f"{selector} starts outside the window: {box}"
     assert box["x"] + box["width"] <= size["width"] + 1, (
