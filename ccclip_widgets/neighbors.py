@@ -72,6 +72,10 @@ DEFAULT_ANN: Literal["ivf", "hnsw"] = "ivf"
 #: (brute force is quadratic: several minutes for the graph of 100k x 512 on 2 cores).
 GRAPH_EXACT_MAX = 30_000
 
+#: A query restricted to at most this many allowed posts (or an eighth of all) scores them exactly; a larger
+#: allowed set is over-fetched from the index instead.
+FILTER_EXACT_MAX = 50_000
+
 _PIP_HINT = "pip install faiss-cpu"
 
 
@@ -484,27 +488,30 @@ class NeighborIndex:
         exclude_key: int | None = None,
         dedupe: bool = False,
         source: str | None = None,
+        allowed: Any = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One query with exclusions; fetch more than ``k`` and widen until ``k`` rows survive the filters."""
+        """One query with exclusions; fetch more than ``k`` and widen until ``k`` rows survive the filters.
+
+        ``allowed`` (a boolean mask over the rows, or row numbers) restricts the results to those posts. A small
+        allowed set (at most :data:`FILTER_EXACT_MAX` rows or an eighth of the posts) is scored exactly over its
+        own vectors; a large one is over-fetched from the index in proportion to how many posts it drops.
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         codes = self._key_codes if target == "image" else None
         if codes is None:
             exclude_key, dedupe = None, False
+        mask = self._allowed_mask(allowed)
         extra = (exclude_row is not None) + (
             int(self._key_counts[exclude_key])
             if exclude_key is not None and self._key_counts is not None
             else 0
         )
-        kk = min(self.n, k + extra + (k if dedupe else 0))
-        q = vec.reshape(1, -1)
-        while True:
-            scores, idx = self._raw(target, q, kk, source=source)
-            s, ix = scores[0], idx[0]
-            valid = ix >= 0
-            returned = int(valid.sum())
-            s, ix = s[valid], ix[valid]
+
+        def keep_filters(s: np.ndarray, ix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             keep = np.ones(len(ix), bool)
+            if mask is not None:
+                keep &= mask[ix]
             if exclude_row is not None:
                 keep &= ix != exclude_row
             if exclude_key is not None:
@@ -516,9 +523,46 @@ class NeighborIndex:
                 _, first = np.unique(codes[ix], return_index=True)
                 first.sort()
                 s, ix = s[first], ix[first]
+            return s, ix
+
+        if mask is not None:
+            n_allowed = int(mask.sum())
+            if n_allowed == 0:
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            if n_allowed <= max(FILTER_EXACT_MAX, self.n // 8):
+                # A small subset: score it exactly (faster than widening an index search, and never misses).
+                rows = np.flatnonzero(mask)
+                sc = self._vectors[target][rows] @ vec.astype(np.float32, copy=False).reshape(-1)
+                order = np.argsort(-sc, kind="stable")
+                s, ix = keep_filters(sc[order].astype(np.float32), rows[order].astype(np.int64))
+                return s[:k], ix[:k]
+            share = n_allowed / self.n
+        else:
+            share = 1.0
+        kk = min(self.n, int(np.ceil((k + extra + (k if dedupe else 0)) / share)))
+        q = vec.reshape(1, -1)
+        while True:
+            scores, idx = self._raw(target, q, kk, source=source)
+            s, ix = scores[0], idx[0]
+            valid = ix >= 0
+            returned = int(valid.sum())
+            s, ix = keep_filters(s[valid], ix[valid])
             if len(ix) >= k or kk >= self.n or returned < kk:
                 return s[:k], ix[:k]
             kk = min(self.n, 2 * kk)
+
+    def _allowed_mask(self, allowed: Any) -> np.ndarray | None:
+        """A boolean row mask from ``allowed`` (``None``, a mask, or row numbers); ``None`` when all pass."""
+        if allowed is None:
+            return None
+        a = np.asarray(allowed)
+        if a.dtype == bool:
+            if a.shape != (self.n,):
+                raise ValueError(f"allowed mask has shape {a.shape}; the index holds {self.n} posts")
+            return None if a.all() else a
+        mask = np.zeros(self.n, bool)
+        mask[a.astype(np.int64).reshape(-1)] = True
+        return mask
 
     def _frame(self, scores: np.ndarray, idx: np.ndarray) -> pl.DataFrame:
         return pl.DataFrame(
@@ -543,7 +587,7 @@ class NeighborIndex:
         return self._frame(s, ix)
 
     # ------------------------------------------------------------------ queries
-    def image_to_texts(self, i_or_post_id: int | str, k: int = 10) -> pl.DataFrame:
+    def image_to_texts(self, i_or_post_id: int | str, k: int = 10, *, allowed: Any = None) -> pl.DataFrame:
         """Texts nearest to a post's image (the post's own text included, so its rank can be read).
 
         Parameters
@@ -552,33 +596,43 @@ class NeighborIndex:
             Row number or ``post_id`` of the query post.
         k
             Number of results.
+        allowed
+            Only list these posts: a boolean mask over the rows or row numbers (for example the commentative
+            posts in one language). Every query method takes it; the filter runs inside the search, so ``k``
+            results come back whenever ``k`` allowed posts exist.
 
         Returns
         -------
         polars.DataFrame
             Columns ``rank`` (1-based), ``post_id``, ``score`` (float32 cosine), ``index`` (row).
         """
-        return self._by_post("image", "text", i_or_post_id, k)
+        return self._by_post("image", "text", i_or_post_id, k, allowed=allowed)
 
-    def text_to_images(self, i_or_post_id: int | str, k: int = 10, *, dedupe: bool = True) -> pl.DataFrame:
+    def text_to_images(
+        self, i_or_post_id: int | str, k: int = 10, *, dedupe: bool = True, allowed: Any = None
+    ) -> pl.DataFrame:
         """Images nearest to a post's text (its own image included).
 
         With ``image_keys`` and ``dedupe``, each image appears once (its best-ranked post). Columns as in
         :meth:`image_to_texts`.
         """
-        return self._by_post("text", "image", i_or_post_id, k, dedupe=dedupe)
+        return self._by_post("text", "image", i_or_post_id, k, dedupe=dedupe, allowed=allowed)
 
-    def image_to_images(self, i_or_post_id: int | str, k: int = 10, *, dedupe: bool = True) -> pl.DataFrame:
+    def image_to_images(
+        self, i_or_post_id: int | str, k: int = 10, *, dedupe: bool = True, allowed: Any = None
+    ) -> pl.DataFrame:
         """Images nearest to a post's image, excluding the post itself.
 
         With ``image_keys``, every post that shares the query's image is excluded too and, with ``dedupe``, each
         other image appears once. Columns as in :meth:`image_to_texts`.
         """
-        return self._by_post("image", "image", i_or_post_id, k, dedupe=dedupe, same_modality=True)
+        return self._by_post(
+            "image", "image", i_or_post_id, k, dedupe=dedupe, same_modality=True, allowed=allowed
+        )
 
-    def text_to_texts(self, i_or_post_id: int | str, k: int = 10) -> pl.DataFrame:
+    def text_to_texts(self, i_or_post_id: int | str, k: int = 10, *, allowed: Any = None) -> pl.DataFrame:
         """Texts nearest to a post's text, excluding the post itself. Columns as in :meth:`image_to_texts`."""
-        return self._by_post("text", "text", i_or_post_id, k, same_modality=True)
+        return self._by_post("text", "text", i_or_post_id, k, same_modality=True, allowed=allowed)
 
     def query_vector(
         self,
@@ -588,6 +642,7 @@ class NeighborIndex:
         *,
         source: Kind | None = None,
         dedupe: bool = True,
+        allowed: Any = None,
     ) -> pl.DataFrame:
         """Posts nearest to a free vector (for example an encoded free-text query).
 
@@ -604,6 +659,8 @@ class NeighborIndex:
             index uses it to choose inverted lists across the modality gap; scores are unaffected.
         dedupe
             For image targets with ``image_keys``: list each image once.
+        allowed
+            Only list these posts (boolean row mask or row numbers), as in :meth:`image_to_texts`.
 
         Returns
         -------
@@ -614,7 +671,7 @@ class NeighborIndex:
         q = _unit_rows(np.asarray(vec).reshape(1, -1), "vec")
         if q.shape[1] != self.dims[target]:
             raise ValueError(f"vec has dimension {q.shape[1]}; {target} vectors have {self.dims[target]}")
-        s, ix = self._query(q[0], target, k, dedupe=dedupe, source=source)
+        s, ix = self._query(q[0], target, k, dedupe=dedupe, source=source, allowed=allowed)
         return self._frame(s, ix)
 
     def search(

@@ -141,7 +141,8 @@ def fit_umap(
     n_epochs
         Optimization epochs; ``None`` for :func:`default_n_epochs`.
     show_progress
-        umap-learn's verbose log and ``tqdm`` epoch bar.
+        umap-learn's ``tqdm`` epoch bar. Its verbose log (raw parameter and array dumps) is never shown, and a
+        failed spectral start (a graph with several components) becomes one log line instead of a warning wall.
     coords
         Precomputed ``N x 2`` coordinates: returned (as float32) without computing anything.
     **umap_kwargs
@@ -187,18 +188,35 @@ def fit_umap(
         "init": init_arg,
         "n_epochs": int(n_epochs) if n_epochs is not None else default_n_epochs(n),
         "low_memory": low_memory,
-        "verbose": bool(show_progress),
-        "tqdm_kwds": {"disable": not show_progress},
+        "verbose": False,
+        "tqdm_kwds": {"disable": not show_progress, "desc": "map (UMAP epochs)", "leave": False},
         "precomputed_knn": (indices, dists),
     }
     kwargs.update(umap_kwargs)
     reducer = umap.UMAP(**kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         # Expected with a precomputed graph and a seed; say nothing about them.
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
         warnings.filterwarnings("ignore", message=r"n_jobs value .* overridden")
         xy = reducer.fit_transform(x)
+    _report_umap_warnings(caught)
     return np.ascontiguousarray(xy, dtype=np.float32)
+
+
+def _report_umap_warnings(caught: Sequence[warnings.WarningMessage]) -> None:
+    """Translate umap-learn's spectral-start failures into one quiet log line; pass other warnings on."""
+    spectral = 0
+    for w in caught:
+        if "Spectral initialisation failed" in str(w.message):
+            spectral += 1
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if spectral:
+        log.info(
+            "UMAP: the neighbor graph has several disconnected parts, so the map started from a random layout "
+            "instead of a spectral one (the usual case for posts in distinct groups; the map is still valid)"
+        )
 
 
 def _faiss_knn(x: np.ndarray, k: int, *, seed: int, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +235,7 @@ def project_posts(
     n_neighbors: int = 15,
     cache_dir: str | Path | None = None,
     fingerprint: str | None = None,
+    reference: Any | None = None,
     show_progress: bool = True,
     **fit_kwargs: Any,
 ) -> np.ndarray:
@@ -237,6 +256,10 @@ def project_posts(
     cache_dir, fingerprint
         When both are given, coordinates are cached on disk by :func:`cached_projection`, keyed by the embedding
         fingerprint, ``kind`` and every UMAP parameter.
+    reference
+        ``N x 2`` coordinates of another map of the same posts (for example the stock model's, when this index
+        holds the fine-tuned model's vectors): the map is refined from it and aligned onto it point for point
+        (:func:`align_layout`), so the two maps can be compared side by side.
     show_progress
         Progress bars.
     **fit_kwargs
@@ -257,17 +280,26 @@ def project_posts(
     if kind not in ("image", "text", "joint"):
         raise ValueError(f"kind must be 'image', 'text' or 'joint', got {kind!r}")
 
+    ref = None if reference is None else _check_coords(reference, index.n * (2 if kind == "joint" else 1))
+
     def compute() -> np.ndarray:
         knn = index.knn_graph(kind, k=n_neighbors, show_progress=show_progress)
         if kind == "joint":
             vecs = np.concatenate([index.vectors("image"), index.vectors("text")])
         else:
             vecs = index.vectors(kind)
+        if ref is not None:
+            return align_layout(
+                ref, vecs, knn=knn, n_neighbors=n_neighbors, show_progress=show_progress, **fit_kwargs
+            )
         return fit_umap(vecs, knn=knn, n_neighbors=n_neighbors, show_progress=show_progress, **fit_kwargs)
 
     if cache_dir is None or fingerprint is None:
         return compute()
     params = {"kind": kind, "n_neighbors": n_neighbors, "n": index.n, "index_mode": index.mode}
+    if ref is not None:
+        params["aligned_to"] = _jsonable(ref)
+        params["align"] = "refine-v2"  # bump when align_layout's defaults change
     params.update({k: _jsonable(v) for k, v in fit_kwargs.items()})
     return cached_projection(cache_dir, fingerprint, params, compute)
 

@@ -218,8 +218,8 @@ def test_mode_switches_change_results(explorer: Explorer) -> None:
     assert "p0008" not in results["image_to_images"] and "p0008" not in results["text_to_texts"]
     # the mode menu drives the same method, and set_mode moves the menu without querying twice
     calls = []
-    update = explorer._update_neighbors
-    explorer._update_neighbors = lambda: (calls.append(1), update())[1]
+    update = explorer._refresh_neighbors
+    explorer._refresh_neighbors = lambda: (calls.append(1), update())[1]
     explorer.panels["mode"].value = "image_to_texts"
     assert explorer.neighbors["post_id"].to_list() == list(results["image_to_texts"])
     explorer.set_mode("text_to_texts")
@@ -273,7 +273,10 @@ def test_color_by_changes_marker_arrays(explorer: Explorer, emb: Embeddings) -> 
     kinds = emb.posts.table["caption_kind"].to_list()
     cats = ["commentative", "descriptive"]
     assert [cats[c] for c in codes] == kinds
-    assert list(_main(fig).marker.colorbar.ticktext) == cats
+    # the legend is HTML beside the map, not a color bar on it (a hover label must never cover it)
+    assert not _main(fig).marker.showscale
+    legend = explorer.panels["legend"].value
+    assert all(f'data-category="{c}"' in legend for c in cats)
 
     explorer.set_color("commentativeness")
     vals = _main(fig).marker.color
@@ -485,7 +488,7 @@ def test_setters_chain_and_work_before_display(emb: Embeddings, model) -> None:
         .select([1, 2])
         .search("a circle")
     )
-    assert out is ex and ex._ui is None  # all state, no widgets yet
+    assert out is ex and ex.view is None  # all state, no widgets yet
     assert ex.neighbors.height == 4 and ex.search_results.height == 4
     p = ex.panels  # built now, showing the state set before
     assert 'data-post-id="p0001"' in p["card"].value
@@ -535,18 +538,18 @@ def test_default_layouts_come_from_the_projection_backend(emb: Embeddings, emb2:
 
     kw = {"n_epochs": 50}
     ex = Explorer(emb, compare=emb2, projection_kwargs=kw, show_progress=False)
-    for xy in (ex.coords, ex._views[1].coords):
+    for xy in (ex.coords, ex.maps[1].coords):
         assert xy.shape == (len(emb), 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
     expected = projection.project_posts(ex.indexes[0], kind="image", show_progress=False, **kw)
     assert np.allclose(ex.coords, expected, atol=1e-4)
     # the second map is aligned to the first: closer to it than its unaligned version would be
     raw = projection.fit_umap(ex.indexes[1].vectors("image"), show_progress=False, **kw)
-    aligned_err = np.abs(ex._views[1].coords - ex.coords).mean()
+    aligned_err = np.abs(ex.maps[1].coords - ex.coords).mean()
     assert aligned_err <= np.abs(projection.procrustes_align(raw, ex.coords) - ex.coords).mean() * 1.5
     # both layouts are cached by fingerprint: a second Explorer reuses them
     again = Explorer(emb, compare=emb2, projection_kwargs=kw, show_progress=False)
     assert np.array_equal(again.coords, ex.coords)
-    assert np.array_equal(again._views[1].coords, ex._views[1].coords)
+    assert np.array_equal(again.maps[1].coords, ex.maps[1].coords)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -581,3 +584,99 @@ def test_importing_the_explorer_loads_no_widget_library() -> None:
         "bad = [m for m in ('ipywidgets', 'plotly') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------ issue 13 view
+def test_side_panel_puts_the_card_first_and_search_under_its_heading(explorer: Explorer, model) -> None:
+    p = explorer.panels
+    side = p["side"].children
+    assert side.index(p["card"]) < side.index(p["neighbors"]) < side.index(p["search_results"])
+    assert p["search_results"].layout.display == "none"  # nothing searched: no empty heading
+    explorer.click("p0003").search("a red circle")
+    assert "Search results" in p["search_heading"].value and "a red circle" in p["search_heading"].value
+    assert p["search_results"].layout.display is None and len(explorer.search_buttons()) == K
+    p["search_clear"].click()
+    assert explorer.search_results is None and p["search_results"].layout.display == "none"
+    assert explorer.current_post_id == "p0003"  # clearing the search keeps the open post
+    assert "Neighbors" in p["neighbor_heading"].value
+
+
+def test_neighbor_filter_menu_is_one_choice(explorer: Explorer, emb: Embeddings) -> None:
+    p = explorer.panels
+    labels = [lbl for lbl, _ in p["neighbor_filter"].options]
+    assert "commentative \u00b7 de" in labels and "any post" in labels
+    explorer.click("p0004")
+    p["neighbor_filter"].value = labels.index("commentative \u00b7 de")
+    assert explorer.neighbor_filter == {"caption_kind": ["commentative"], "lang": ["de"]}
+    table = emb.posts.table
+    got = explorer.neighbors["index"]
+    assert set(table["caption_kind"].gather(got)) == {"commentative"} and set(table["lang"].gather(got)) == {
+        "de"
+    }
+    assert [r.children[2].value.count('data-post-id="') for r in explorer.neighbor_rows()] == [1] * got.len()
+    assert "only" in p["neighbor_heading"].value
+    explorer.set_filter(caption_kind="descriptive")  # code moves the menu
+    assert p["neighbor_filter"].label == "descriptive"
+    explorer.set_filter()
+    assert p["neighbor_filter"].value == 0
+
+
+def test_map_filter_controls_fade_points(explorer: Explorer) -> None:
+    p = explorer.panels
+    fig = explorer.figures[0]
+    p["map_filter_column"].value = "lang"
+    assert p["map_filter_values"].layout.display is None and set(p["map_filter_values"].options) == {
+        "de",
+        "en",
+    }
+    p["map_filter_values"].value = ("de",)
+    assert explorer.map_filter == {"lang": ["de"]}
+    op = _main(fig).marker.opacity
+    assert isinstance(op, np.ndarray) and op.dtype == np.float32
+    de = (explorer.posts["lang"] == "de").to_numpy()
+    assert (op[de] > 0.5).all() and (op[~de] < 0.1).all()
+    assert "match the map filter" in p["status"].value
+    _send_points(fig, "plotly_selected", list(range(24)), selector={"type": "box", "selector_state": {}})
+    assert set(explorer.selection["lang"]) == {"de"}
+    p["map_filter_column"].value = "likes"
+    assert p["map_filter_range"].layout.display is None
+    p["map_filter_range"].value = (21.0, 70.0)
+    assert explorer.map_filter["likes"] == (21.0, 70.0)
+    p["map_filter_clear"].click()
+    assert explorer.visible is None and not isinstance(_main(fig).marker.opacity, np.ndarray)
+
+
+def test_cluster_labels_toggle_annotations(explorer: Explorer) -> None:
+    fig = explorer.figures[0]
+    assert len(fig.layout.annotations) == 0
+    explorer.panels["clusters"].value = True
+    assert explorer.show_clusters and len(fig.layout.annotations) == explorer.clusters.height
+    explorer.set_cluster_labels(False)
+    assert len(fig.layout.annotations) == 0 and explorer.panels["clusters"].value is False
+
+
+def test_changes_panel_with_two_models(emb: Embeddings, emb2: Embeddings, model, second_model) -> None:
+    ex = Explorer(
+        emb,
+        compare=emb2,
+        model=model,
+        compare_model=second_model,
+        coords=_coords(len(emb)),
+        compare_coords=_coords(len(emb), 1),
+        k=K,
+        show_progress=False,
+    )
+    p = ex.panels
+    ex.click("p0006")
+    table = p["rank_changes"].value
+    assert "ccclip-rank-table" in table and all(
+        f'data-post-id="{pid}"' in table for pid in ex.neighbors["post_id"]
+    )
+    assert all("other model:" in r.children[2].value for r in ex.neighbor_rows())
+    p["moved_button"].click()
+    moved = p["moved_list"].children[1:]
+    assert len(moved) == 15 and "rank of own image" in moved[0].children[2].value
+    first = ex.text_shift()["post_id"][0]
+    assert first in moved[0].children[1].description
+    moved[0].children[1].click()
+    assert ex.current_post_id == first

@@ -7,7 +7,26 @@ Everything here is plain Python that returns strings or modules, so it is easy t
 * :class:`ThumbnailCache` turns one post's image into a small ``<img src="data:...">`` tag on demand and keeps the
   most recent ones (thumbnails are never made for all posts up front);
 * :func:`post_card_html` renders one post (image, text, metadata) as an HTML fragment;
-* :func:`escape`, :func:`truncate`, :func:`image_source` and :func:`metadata_items` are the pieces they use.
+* :func:`escape`, :func:`truncate`, :func:`image_source` and :func:`metadata_items` are the pieces they use;
+* :func:`register_callback` is the ``on_<event>(callback, remove=False)`` contract.
+
+The widget convention (every widget here follows it; the Explorer is the reference)
+---------------------------------------------------------------------------------
+* **State and view.** A widget is a plain Python state object (``explorer_state.ExplorerState``) that never imports
+  ipywidgets or plotly, and a view (``_explorer_view.ExplorerView``) that renders it. The public class
+  (``Explorer``) is the state with the view attached: tests and scripts use it with no Jupyter at all.
+* **One update path.** Every setter goes through the state's ``_update(source=None, **changes)``, which stores
+  the values, recomputes what depends on them, then calls the ``on_change(parts, source)`` listeners (the view)
+  before the user's callbacks. Setters return ``self`` so calls chain.
+* **The UI handle.** ``.widget`` is a property that builds the view on first access and returns its root
+  ipywidget; ``.view`` is the view object or ``None`` before that; ``_repr_mimebundle_`` delegates to
+  ``.widget``, so ending a cell with the object displays it. Named sub-widgets are in ``.panels`` (a dict).
+  Nothing else holds widgets, and no state method checks whether a view exists: it just notifies listeners.
+* **Callbacks.** ``on_<event>(callback, remove=False)`` registers once (or removes) with
+  :func:`register_callback` and returns ``self``; UI-triggered actions run through a ``_guard`` that shows an
+  error in the status line instead of losing it in a log.
+* **Progress.** Slow construction steps run inside ``progress.phase(text)`` of a reporter; in a notebook
+  ``_progress.WidgetProgress`` shows them as one line in the cell's output with the backend's tqdm bars under it.
 """
 
 from __future__ import annotations

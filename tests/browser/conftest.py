@@ -79,15 +79,33 @@ class Lab:
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Start JupyterLab on a copy of the repository's notebooks, wait until it answers, and stop it (only its own process)."""
-    port = _free_port()
     tmp = tmp_path_factory.mktemp("lab")
+    yield from _run_lab(tmp, smoke=True, cache=tmp / "cache")
+
+
+#: Cache of the full-demo server: embeddings and maps of the 8,000 demo posts survive between runs (the first run
+#: embeds them, several minutes on 2 cores). Set ``CCCLIP_BROWSER_CACHE`` to move it.
+FULL_CACHE = Path(os.environ.get("CCCLIP_BROWSER_CACHE", Path.home() / ".cache" / "ccclip_widgets-browser"))
+
+
+@pytest.fixture(scope="session")
+def lab_full(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """JupyterLab running the notebooks on the full demo (no smoke subset), with a cache kept between runs."""
+    tmp = tmp_path_factory.mktemp("lab-full")
+    yield from _run_lab(tmp, smoke=False, cache=FULL_CACHE)
+
+
+def _run_lab(tmp: Path, *, smoke: bool, cache: Path) -> Iterator[Lab]:
+    port = _free_port()
     env = dict(os.environ)
+    env.pop("CCCLIP_SMOKE", None)
+    if smoke:
+        env["CCCLIP_SMOKE"] = "1"
     env.update(
-        CCCLIP_SMOKE="1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        CCCLIP_CACHE=str(tmp / "cache"),
+        CCCLIP_CACHE=str(cache),
         CCCLIP_WORK_DIR=str(tmp / "work"),
         JUPYTER_CONFIG_DIR=str(tmp / "jupyter-config"),
         JUPYTERLAB_SETTINGS_DIR=str(tmp / "lab-settings"),
