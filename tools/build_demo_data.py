@@ -978,6 +978,27 @@ def _readable(path: Path) -> None:
     os.chmod(path, 0o644)
 
 
+def _keep_distinct(members: list[_Candidate], cap: int, first: Any = None) -> list[_Candidate]:
+    """Sort a near-duplicate group best first (``first`` ranks ahead of that: a key function returning False for
+    the preferred members), then keep up to ``cap`` images that look different from every image kept before."""
+    members.sort(
+        key=lambda c: (
+            bool(first(c)) if first is not None else False,
+            c.title_origin != "metadata",
+            not c.description,
+            -len(c.keywords),
+            c.record.image_id,
+        )
+    )
+    kept = [members[0]]
+    for c in members[1:]:
+        if len(kept) >= cap:
+            break
+        if all(_distinct(c, k) for k in kept):
+            kept.append(c)
+    return kept
+
+
 def _prune_groups(images: list[_Candidate]) -> dict[str, list[_Candidate]]:
     """Group near-duplicates and keep at most ``MAX_PER_GROUP`` visibly different images of each group.
 
@@ -990,20 +1011,7 @@ def _prune_groups(images: list[_Candidate]) -> dict[str, list[_Candidate]]:
         members[root].append(c)
     groups: dict[str, list[_Candidate]] = {}
     for ms in members.values():
-        ms.sort(
-            key=lambda c: (
-                c.title_origin != "metadata",
-                not c.description,
-                -len(c.keywords),
-                c.record.image_id,
-            )
-        )
-        kept = [ms[0]]
-        for c in ms[1:]:
-            if len(kept) >= MAX_PER_GROUP:
-                break
-            if all(_distinct(c, k) for k in kept):
-                kept.append(c)
+        kept = _keep_distinct(ms, MAX_PER_GROUP)
         gid = min(c.record.image_id for c in ms)
         for c in ms:
             c.group = gid

@@ -35,7 +35,7 @@ from .data import (
     MAX_PIXELS,
     _analyze_all,
     _Candidate,
-    _distinct,
+    _keep_distinct,
     _links_external_bitmap,
     _near_duplicate_groups,
     _order_key,
@@ -277,21 +277,8 @@ def build_standin_pool(
         if any(c.record.rel in reserved or _title_key(c.title) in reserved_titles for c in ms):
             excluded["reserved_group"] += len(ms)
             continue
-        ms.sort(
-            key=lambda c: (
-                c.record.image_id not in worklist,
-                c.title_origin != "metadata",
-                not c.description,
-                -len(c.keywords),
-                c.record.image_id,
-            )
-        )
-        chosen = [ms[0]]
-        for c in ms[1:]:
-            if len(chosen) >= MAX_STANDIN_PER_GROUP:
-                break
-            if all(_distinct(c, k) for k in chosen):
-                chosen.append(c)
+        # demo train images first (the stand-in sees them with their descriptive captions), then the best titled
+        chosen = _keep_distinct(ms, MAX_STANDIN_PER_GROUP, first=lambda c: c.record.image_id not in worklist)
         excluded["near_duplicate_over_cap"] += len(ms) - len(chosen)
         gid = min(ids)
         in_demo = any(i in worklist for i in ids)
