@@ -58,16 +58,16 @@ def run_one(config: str, n: int, dim: int, difficulty: str, extra: dict[str, Any
             small
         )
     else:
-        from ccclip_widgets import neighbors
+        from ccclip_widgets import neighbors_graph
 
         # The full-size graph goes through nearest-neighbor descent (above GRAPH_EXACT_MAX points): send the
         # warm-up through it too, so its numba compilation is not timed either (as umap-learn's is not).
-        limit, neighbors.GRAPH_EXACT_MAX = neighbors.GRAPH_EXACT_MAX, len(small) // 2
+        limit, neighbors_graph.GRAPH_EXACT_MAX = neighbors_graph.GRAPH_EXACT_MAX, len(small) // 2
         try:
             warm = NeighborIndex.build([str(i) for i in range(len(small))], small, show_progress=False)
             project_posts(warm, kind="image", seed=0 if config == "ours" else None, show_progress=False)
         finally:
-            neighbors.GRAPH_EXACT_MAX = limit
+            neighbors_graph.GRAPH_EXACT_MAX = limit
     out["warmup_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

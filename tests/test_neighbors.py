@@ -188,9 +188,9 @@ def test_knn_graph_self_first_cached_and_exact():
 @pytest.mark.slow  # 38-115 s: pynndescent compiles its kernels in every process (not cacheable by NUMBA_CACHE_DIR)
 def test_large_graph_by_neighbor_descent_matches_brute_force(monkeypatch):
     pytest.importorskip("pynndescent")
-    from ccclip_widgets import neighbors
+    from ccclip_widgets import neighbors_graph
 
-    monkeypatch.setattr(neighbors, "GRAPH_EXACT_MAX", 500)  # 3,000 points take the descent path
+    monkeypatch.setattr(neighbors_graph, "GRAPH_EXACT_MAX", 500)  # 3,000 points take the descent path
     n = 3000
     img = clustered(n, n_clusters=30, seed=11)
     txt = clustered(n, n_clusters=30, seed=12)
