@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import os
-import platform
 import threading
 import time
 import warnings
@@ -310,19 +309,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     low = name.lower()
     return param.ndim < 2 or any(t in low for t in ("bias", "norm", "ln_", "bn", "logit_scale", "embedding"))
-
-
-def _hardware(device: torch.device, world: int) -> dict[str, Any]:
-    hw: dict[str, Any] = {
-        "device": str(device),
-        "world_size": world,
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(device)
-    return hw
 
 
 def _oom_error(
@@ -1083,7 +1069,7 @@ class _Trainer:
 
                     if self.out is not None and (periodic or user_stop or early or step == total):
                         self._checkpoint(
-                            optimizer, scaler, step, epoch, batch_in_epoch, samples_before + samples, t_start
+                            optimizer, scaler, step, epoch, batch_in_epoch, samples_before + samples
                         )
                     if user_stop:
                         stopped = "user"
@@ -1175,44 +1161,26 @@ class _Trainer:
         return stop
 
     # ------------------------------------------------------------------------------------------- saving
+    # The files themselves are :mod:`.checkpoint`'s business; these gather the trainer's state for it.
     def _training_meta(
         self, step: int, epoch: int, metrics: dict[str, float] | None = None
     ) -> dict[str, Any]:
-        return {
-            "training": {
-                "config": self.config.to_dict(),
-                "step": step,
-                "total_steps": self.total,
-                "epoch": epoch,
-                "batch_size": self.batch,
-                "metrics": metrics
-                if metrics is not None
-                else (self.eval_history[-1] if self.eval_history else {}),
-                "data_fingerprint": self.train.fingerprint,
-                "n_train_posts": len(self.train),
-                "base_model": self.base,
-                "hardware": _hardware(self.clip.device, self.dist.world_size),
-            }
-        }
-
-    def _provenance(self) -> dict[str, Any]:
-        return {
-            "source": "ccclip_widgets.train.fine_tune",
-            "base_spec": self.base.get("spec"),
-            "base_fingerprint": self.base.get("fingerprint"),
-            "base_provenance": self.clip.provenance,
-        }
+        return ckpt.training_meta(
+            config=self.config,
+            step=step,
+            total_steps=self.total,
+            epoch=epoch,
+            batch_size=self.batch,
+            metrics=metrics if metrics is not None else (self.eval_history[-1] if self.eval_history else {}),
+            data_fingerprint=self.train.fingerprint,
+            n_train_posts=len(self.train),
+            base=self.base,
+            device=self.clip.device,
+            world_size=self.dist.world_size,
+        )
 
     def _model_writer(self, meta: dict[str, Any], adapter: dict[str, torch.Tensor] | None = None) -> Callable:
-        def write(tmp: Path) -> None:
-            if self.lora is not None:
-                state = adapter if adapter is not None else adapter_state(self.clip.model, self.lora)
-                save_adapter(tmp, state, self.lora, base=self.base, extra=meta)
-            else:
-                self.clip.invalidate_fingerprint()
-                ckpt.save_model_into(tmp, self.clip, provenance=self._provenance(), extra=meta)
-
-        return write
+        return ckpt.model_writer(self.clip, self.lora, self.base, meta, adapter)
 
     def _checkpoint(
         self,
@@ -1222,73 +1190,64 @@ class _Trainer:
         epoch: int,
         batch_in_epoch: int,
         samples_seen: int,
-        t_start: float,
     ) -> None:
         if self.dist.is_main and self.out is not None:
-            state = {
-                "format_version": 1,
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": ckpt.capture_rng(),
-                "config": self.config.to_dict(),
-                "data_fingerprint": self.train.fingerprint,
-                "base": self.base,
-                "history": self.history,
-                "eval_history": self.eval_history,
-                "best": {
+            state = ckpt.trainer_state(
+                optimizer=optimizer,
+                scaler=scaler,
+                step=step,
+                epoch=epoch,
+                batch_in_epoch=batch_in_epoch,
+                config=self.config,
+                data_fingerprint=self.train.fingerprint,
+                base=self.base,
+                history=self.history,
+                eval_history=self.eval_history,
+                best={
                     "metric": self.config.early_stopping_metric,
                     "value": self.best_value,
                     "step": self.best_step,
                     "bad_evals": self.bad_evals,
                     "metrics": self.best_metrics,
                 },
-                "nan_count": self.nan_count,
-                "failures": [[k, v] for k, v in self.failures.items()],
-                "batch_size": self.batch,
-                "world_size": self.dist.world_size,
-                "samples_seen": samples_seen,
-                "elapsed_s": float(self.history[-1]["elapsed_s"]) if self.history else 0.0,
-            }
-            folder = self.out / ckpt.checkpoint_name(step)
-            ckpt.write_folder(folder, self._model_writer(self._training_meta(step, epoch)), state)
+                nan_count=self.nan_count,
+                failures=self.failures,
+                batch_size=self.batch,
+                world_size=self.dist.world_size,
+                samples_seen=samples_seen,
+            )
+            writer = self._model_writer(self._training_meta(step, epoch))
+            folder = ckpt.write_checkpoint(self.out, step, writer, state, self.config.keep_checkpoints)
             self.last_checkpoint = folder
-            ckpt.prune_checkpoints(self.out, self.config.keep_checkpoints)
             self._write_run_file("running", step, folder)
         barrier()
 
     def _write_best(self, step: int, metrics: dict[str, float]) -> None:
         assert self.out is not None
-        folder = self.out / "best"
         meta = self._training_meta(step, -1, metrics)
         meta["training"]["best"] = {"metric": self.config.early_stopping_metric, "value": self.best_value}
-        ckpt.write_folder(folder, self._model_writer(meta))
-        self.best_dir = folder
+        self.best_dir = ckpt.write_folder(self.out / "best", self._model_writer(meta))
 
     def _write_run_file(self, status: str, step: int, latest: Path | None, final: Path | None = None) -> None:
         assert self.out is not None
-        ckpt.write_run_file(
-            self.out,
-            {
-                "status": status,
-                "step": step,
-                "total_steps": getattr(self, "total", None),
-                "latest_checkpoint": latest.name if latest is not None else None,
-                "best": None
-                if self.best_value is None
-                else {
-                    "dir": "best",
-                    "metric": self.config.early_stopping_metric,
-                    "value": self.best_value,
-                    "step": self.best_step,
-                },
-                "final": final.name if final is not None else None,
-                "data_fingerprint": self.train.fingerprint,
-                "config": self.config.to_dict(),
-            },
+        best = None
+        if self.best_value is not None:
+            best = {
+                "metric": self.config.early_stopping_metric,
+                "value": self.best_value,
+                "step": self.best_step,
+            }
+        info = ckpt.run_info(
+            status=status,
+            step=step,
+            total_steps=getattr(self, "total", None),
+            latest=latest,
+            best=best,
+            final=final,
+            data_fingerprint=self.train.fingerprint,
+            config=self.config,
         )
+        ckpt.write_run_file(self.out, info)
 
     # ------------------------------------------------------------------------------------------- the end
     def _finish(
@@ -1338,7 +1297,7 @@ class _Trainer:
 
                 def write_final(tmp: Path) -> None:
                     clip.invalidate_fingerprint()
-                    ckpt.save_model_into(tmp, clip, provenance=self._provenance(), extra=meta)
+                    ckpt.save_model_into(tmp, clip, provenance=ckpt.provenance(clip, self.base), extra=meta)
                     if lora is not None and adapter is not None:
                         (tmp / "adapter").mkdir()
                         save_adapter(tmp / "adapter", adapter, lora, base=self.base, extra=meta)
