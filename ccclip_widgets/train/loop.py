@@ -517,6 +517,40 @@ def fine_tune(
     return trainer.run(train_posts, eval_posts, resume_from, out_dir)
 
 
+@dataclass
+class _Position:
+    """Where a run is: counters saved in checkpoints, this session's clock and the steps not read yet."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0  # pairs trained this session
+    samples_before: int = 0  # ...and before the resume
+    elapsed_before: float = 0.0
+    t_start: float = 0.0
+    stopped: str = "finished"
+    # Steps whose numbers the host has not read yet: (step, epoch, lr, readings, samples, start time).
+    pending: list[tuple[int, int, float, Any, int, float]] = field(default_factory=list)
+
+
+@dataclass
+class _LoopParts:
+    """What the loop works with, built once per run."""
+
+    n_batches: int
+    workers: int
+    dataset: PairDataset
+    normalise: Callable[[torch.Tensor], torch.Tensor]
+    loss_fn: ClipLoss
+    wrapper: nn.Module
+    forward: Callable[..., Any]
+    params: list[torch.Tensor]
+    deferred: bool
+    read_every: int
+    show: bool
+    pbar: Any = None
+
+
 class _Trainer:
     """State of one fine-tuning run (kept out of the public API)."""
 
@@ -803,19 +837,50 @@ class _Trainer:
         state: dict[str, Any] | None,
         counts: dict[str, int],
     ) -> FineTuneResult:
-        from tqdm.auto import tqdm
+        parts = self._build_parts(train, optimizer, scaler)
+        pos = self._restore_state(state)
+        self.clip.model.train()
+        freeze_locked_batchnorm(self.clip.model)
+        pos.t_start = time.perf_counter()
+        parts.pbar = self._progress_bar(parts, pos)
+        batches = None
+        try:
+            if (
+                eval_data is not None
+                and self.config.eval_at_start
+                and pos.step == 0
+                and not self.eval_history
+            ):
+                self._evaluate(eval_data, pos.step, pos.epoch)
+            batches = self._make_batches(train, parts, pos)
+            while pos.step < self.total and pos.stopped == "finished":
+                if pos.batch_in_epoch >= parts.n_batches:
+                    pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                while pos.batch_in_epoch < parts.n_batches and pos.step < self.total:
+                    self._train_step(train, parts, pos, batches, optimizer, scaler)
+                    if self._after_step(parts, pos, eval_data, optimizer, scaler):
+                        break
+        finally:
+            parts.pbar.close()
+            with contextlib.suppress(Exception):
+                del batches  # stops the worker processes now rather than at garbage collection
+        elapsed = time.perf_counter() - pos.t_start
+        return self._finish(
+            pos.stopped, pos.step, pos.epoch, pos.samples, elapsed, pos.elapsed_before, eval_data, counts
+        )
 
+    def _build_parts(
+        self, train: PreparedPosts, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    ) -> _LoopParts:
+        """The run's length, the data set, the loss and the (wrapped, maybe compiled) forward pass."""
         cfg = self.config
         clip = self.clip
         dist = self.dist
         device = clip.device
-        batch = self.batch
         n = len(train)
-        accum = cfg.grad_accum_steps
-        n_batches = n // batch
-        steps_per_epoch = math.ceil(n_batches / accum)
-        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        self.total = total
+        n_batches = n // self.batch
+        steps_per_epoch = math.ceil(n_batches / cfg.grad_accum_steps)
+        self.total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
         workers = cfg.num_workers if cfg.num_workers is not None else default_train_workers(device, n)
         dataset = PairDataset(
             train.sources,
@@ -827,8 +892,6 @@ class _Trainer:
             # next to a GPU the workers hand over uint8 pixels (a quarter of the bytes to move, pin and copy)
             normalize=device.type != "cuda",
         )
-        normalise = dataset.device_normaliser(device)
-        loss_fn = ClipLoss(rank=dist.rank, world_size=dist.world_size)
         wrapper: nn.Module = _DualEncoder(clip.model)
         # both towers frozen, no augmentation: encode each image and text once, then train only the heads
         self.cached = not dist.enabled and heads_only(clip.model, augment=cfg.augment, lora=cfg.lora)
@@ -847,245 +910,287 @@ class _Trainer:
 
             ids = [device.index] if device.type == "cuda" else None
             wrapper = DistributedDataParallel(wrapper, device_ids=ids)
-        forward = torch.compile(wrapper) if cfg.compile else wrapper
-        params = [p for p in clip.model.parameters() if p.requires_grad]
-
-        step, epoch, batch_in_epoch = 0, 0, 0
-        elapsed_before = 0.0
-        samples_before = 0
-        if state is not None:
-            step, epoch, batch_in_epoch = (
-                int(state["step"]),
-                int(state["epoch"]),
-                int(state["batch_in_epoch"]),
-            )
-            self.history = list(state.get("history", []))
-            self.eval_history = list(state.get("eval_history", []))
-            best = state.get("best", {})
-            self.best_value = best.get("value")
-            self.best_step = best.get("step")
-            self.bad_evals = int(best.get("bad_evals", 0))
-            self.best_metrics = dict(best.get("metrics", {}))
-            self.nan_count = int(state.get("nan_count", 0))
-            for pid, reason in state.get("failures", []):
-                self.failures.setdefault(pid, reason)
-            elapsed_before = float(state.get("elapsed_s", 0.0))
-            samples_before = int(state.get("samples_seen", 0))
-            if self.out is not None and (self.out / "best").is_dir():
-                self.best_dir = self.out / "best"
-            ckpt.restore_rng(state["rng"])
-        else:
-            torch.manual_seed(cfg.seed)
-
-        clip.model.train()
-        freeze_locked_batchnorm(clip.model)
-        t_start = time.perf_counter()
-        samples = 0
-        show = cfg.show_progress and dist.is_main
-        pbar = tqdm(
-            total=total, initial=step, desc="fine-tune", unit="step", disable=not show, dynamic_ncols=True
-        )
-        stopped = "finished"
-        # Steps whose numbers the host has not read yet: (step, epoch, lr, readings, samples, start time).
         # With fused AdamW and no gradient scaler a non-finite step is skipped on the device, so the host reads
         # the numbers only every ``read_every`` steps (and before evaluations, checkpoints and the end).
-        pending: list[tuple[int, int, float, Any, int, float]] = []
         deferred = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled()
-        read_every = (cfg.read_every_steps or 10) if deferred else 1
+        return _LoopParts(
+            n_batches=n_batches,
+            workers=workers,
+            dataset=dataset,
+            normalise=dataset.device_normaliser(device),
+            loss_fn=ClipLoss(rank=dist.rank, world_size=dist.world_size),
+            wrapper=wrapper,
+            forward=torch.compile(wrapper) if cfg.compile else wrapper,
+            params=[p for p in clip.model.parameters() if p.requires_grad],
+            deferred=deferred,
+            read_every=(cfg.read_every_steps or 10) if deferred else 1,
+            show=cfg.show_progress and dist.is_main,
+        )
 
-        def settle() -> None:
-            if not pending:
-                return
-            if deferred:  # the one host-device sync of a burst of steps
-                rows = torch.stack([p[3] for p in pending]).tolist()
-            else:
-                rows = [p[3] for p in pending]
-            now = time.perf_counter()
-            window_s = now - pending[0][5]
-            window_samples = sum(p[4] for p in pending)
-            rate = window_samples / window_s if window_s > 0 else float("nan")
-            entries = list(pending)
-            pending.clear()
-            for (at, ep, lr_used, _, _, _), values in zip(entries, rows, strict=True):
-                loss_sum, scale_now = values[0], values[1]
-                grad_norm = values[2] if len(values) > 2 else None
-                bad_loss = None if math.isfinite(loss_sum) else loss_sum
-                if bad_loss is None and grad_norm is not None and not math.isfinite(grad_norm):
-                    if self.precision != "fp16":  # fp16 overflow is the scaler's business (it skips)
-                        bad_loss = grad_norm
-                if bad_loss is not None:
-                    self.nan_count += 1
-                    if self.nan_count > cfg.max_nan_tolerance:
-                        found = ckpt.list_checkpoints(self.out) if self.out is not None else []
-                        last = found[-1] if found else None
-                        if self.out is not None and dist.is_main:
-                            self._write_run_file("diverged", at, last)
-                        raise TrainingDivergedError(at, bad_loss, last, self.nan_count)
-                    warnings.warn(
-                        f"Non-finite loss ({bad_loss}) at step {at}; step skipped "
-                        f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
-                        NonFiniteLossWarning,
-                        stacklevel=3,
-                    )
-                info = StepInfo(
-                    step=at,
-                    total_steps=total,
-                    epoch=ep,
-                    loss=loss_sum if bad_loss is None else float("nan"),
-                    lr=lr_used,
-                    logit_scale=scale_now,
-                    samples_per_s=rate,
-                    grad_norm=grad_norm,
-                    skipped=bad_loss is not None,
-                    elapsed_s=elapsed_before + now - t_start,
-                )
-                self.history.append(dataclasses.asdict(info))
-                pbar.update(1)
-                if show:
-                    pbar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
-                if dist.is_main and self.on_step is not None:
-                    self.on_step(info)
+    def _restore_state(self, state: dict[str, Any] | None) -> _Position:
+        """Where the run starts: step 0 (seeded), or the saved position, history, best and RNG states."""
+        pos = _Position()
+        if state is None:
+            torch.manual_seed(self.config.seed)
+            return pos
+        pos.step, pos.epoch, pos.batch_in_epoch = (
+            int(state["step"]),
+            int(state["epoch"]),
+            int(state["batch_in_epoch"]),
+        )
+        self.history = list(state.get("history", []))
+        self.eval_history = list(state.get("eval_history", []))
+        best = state.get("best", {})
+        self.best_value = best.get("value")
+        self.best_step = best.get("step")
+        self.bad_evals = int(best.get("bad_evals", 0))
+        self.best_metrics = dict(best.get("metrics", {}))
+        self.nan_count = int(state.get("nan_count", 0))
+        for pid, reason in state.get("failures", []):
+            self.failures.setdefault(pid, reason)
+        pos.elapsed_before = float(state.get("elapsed_s", 0.0))
+        pos.samples_before = int(state.get("samples_seen", 0))
+        if self.out is not None and (self.out / "best").is_dir():
+            self.best_dir = self.out / "best"
+        ckpt.restore_rng(state["rng"])
+        return pos
 
-        try:
-            if eval_data is not None and cfg.eval_at_start and step == 0 and not self.eval_history:
-                self._evaluate(eval_data, step, epoch)
-            if batch_in_epoch >= n_batches:
-                epoch, batch_in_epoch = epoch + 1, 0
-            sampler = RunBatchSampler(n, batch, cfg.seed, epoch, batch_in_epoch, dist.rank, dist.world_size)
-            loader = (
-                cached_batches(self.train_features, train, sampler)
-                if self.cached
-                else make_loader(
-                    dataset,
-                    sampler,
-                    num_workers=workers,
-                    pin_memory=device.type == "cuda",
-                    seed=cfg.seed,
-                    collate_fn=PairCollate(train.tokens, train.image_ids, train.text_ids),
-                )
+    def _progress_bar(self, parts: _LoopParts, pos: _Position) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total,
+            initial=pos.step,
+            desc="fine-tune",
+            unit="step",
+            disable=not parts.show,
+            dynamic_ncols=True,
+        )
+
+    def _make_batches(self, train: PreparedPosts, parts: _LoopParts, pos: _Position) -> Any:
+        """An iterator over the run's batches from the current position on (cached features or a loader)."""
+        cfg = self.config
+        if pos.batch_in_epoch >= parts.n_batches:
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        sampler = RunBatchSampler(
+            len(train),
+            self.batch,
+            cfg.seed,
+            pos.epoch,
+            pos.batch_in_epoch,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        if self.cached:
+            return iter(cached_batches(self.train_features, train, sampler))
+        loader = make_loader(
+            parts.dataset,
+            sampler,
+            num_workers=parts.workers,
+            pin_memory=self.clip.device.type == "cuda",
+            seed=cfg.seed,
+            collate_fn=PairCollate(train.tokens, train.image_ids, train.text_ids),
+        )
+        return iter(loader)
+
+    def _micro_batch(
+        self,
+        train: PreparedPosts,
+        parts: _LoopParts,
+        batch: tuple,
+        sync: contextlib.AbstractContextManager,
+        group: int,
+        scaler: torch.amp.GradScaler,
+    ) -> torch.Tensor:
+        """Forward and backward of one global batch (this rank's slice); returns its loss (detached)."""
+        cfg = self.config
+        device = self.clip.device
+        rows, pixels, valid, reasons, tokens, img_ids, txt_ids = batch
+        if any(reasons):
+            for r, why in zip(rows.tolist(), reasons, strict=True):
+                if why:
+                    self.failures.setdefault(str(train.table["post_id"][r]), why)
+        # every tensor comes pinned from the loader: these copies do not wait for the GPU
+        pixels = pixels.to(device, non_blocking=True)
+        if self.channels_last and pixels.ndim == 4:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        if pixels.dtype == torch.uint8:  # augmented images travel as bytes: normalise here
+            pixels = parts.normalise(pixels)
+        tokens = tokens.to(device, non_blocking=True)
+        with sync:
+            with _autocast(device, self.precision):
+                img_f, txt_f, scale = parts.forward(pixels, tokens)
+            loss = parts.loss_fn(
+                img_f,
+                txt_f,
+                scale,
+                valid=valid.to(device, non_blocking=True),
+                image_ids=img_ids.to(device, non_blocking=True) if cfg.mask_duplicates else None,
+                text_ids=txt_ids.to(device, non_blocking=True) if cfg.mask_duplicates else None,
             )
-            batches = iter(loader)
-            while step < total:
-                if batch_in_epoch >= n_batches:
-                    epoch += 1
-                    batch_in_epoch = 0
-                stop_now = False
-                while batch_in_epoch < n_batches and step < total:
-                    t0 = time.perf_counter()
-                    group = min(accum, n_batches - batch_in_epoch)
-                    loss_acc = torch.zeros((), device=device)
-                    for micro in range(group):
-                        rows, pixels, valid, reasons, tokens, img_ids, txt_ids = next(batches)
-                        batch_in_epoch += 1
-                        if any(reasons):
-                            for r, why in zip(rows.tolist(), reasons, strict=True):
-                                if why:
-                                    self.failures.setdefault(str(train.table["post_id"][r]), why)
-                        # every tensor comes pinned from the loader: these copies do not wait for the GPU
-                        pixels = pixels.to(device, non_blocking=True)
-                        if self.channels_last and pixels.ndim == 4:
-                            pixels = pixels.contiguous(memory_format=torch.channels_last)
-                        if pixels.dtype == torch.uint8:  # augmented images travel as bytes: normalise here
-                            pixels = normalise(pixels)
-                        tokens = tokens.to(device, non_blocking=True)
-                        sync = contextlib.nullcontext()
-                        if dist.enabled and micro < group - 1:
-                            sync = wrapper.no_sync()  # type: ignore[operator]
-                        with sync:
-                            with _autocast(device, self.precision):
-                                img_f, txt_f, scale = forward(pixels, tokens)
-                            loss = loss_fn(
-                                img_f,
-                                txt_f,
-                                scale,
-                                valid=valid.to(device, non_blocking=True),
-                                image_ids=img_ids.to(device, non_blocking=True)
-                                if cfg.mask_duplicates
-                                else None,
-                                text_ids=txt_ids.to(device, non_blocking=True)
-                                if cfg.mask_duplicates
-                                else None,
-                            )
-                            scaler.scale(loss / group).backward()
-                        loss_acc += loss.detach() / group
-                    samples += batch * group
-                    step_lr = cfg.lr_at(step, total)
-                    norm = None
-                    if cfg.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    # loss, temperature (and gradient norm) before the update, as one device tensor
-                    readings = [mean_across_ranks(loss_acc), clip.model.logit_scale.detach().float().exp()]
-                    if norm is not None:
-                        readings.append(norm.detach().float())
-                    reading = torch.stack([r.reshape(()).float().to(device) for r in readings])
-                    for g in optimizer.param_groups:
-                        g["lr"] = step_lr
-                    if deferred:
-                        # fused AdamW skips the whole update on the device when found_inf is 1 (a non-finite
-                        # loss or gradient norm), so the host need not wait for this step's numbers
-                        optimizer.found_inf = (~torch.isfinite(reading[0::2]).all()).float()
-                        optimizer.step()
-                        values: Any = reading
-                    else:
-                        # the one host-device sync of a step: the numbers decide whether to update
-                        values = reading.tolist()
-                        bad = not math.isfinite(values[0])
-                        if not bad and norm is not None and not math.isfinite(values[2]):
-                            # fp16 overflow is the scaler's business (it skips the update itself)
-                            bad = self.precision != "fp16"
-                        if not bad:
-                            scaler.step(optimizer)
-                            scaler.update()
-                    if getattr(clip.model, "logit_scale", None) is not None:
-                        with torch.no_grad():  # a skipped update left it in range already
-                            clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    pending.append((step, epoch, step_lr, values, batch * group, t0))
-                    epoch_end = batch_in_epoch >= n_batches
-                    every = cfg.eval_every_steps
-                    want_eval = eval_data is not None and (
-                        (every > 0 and step % every == 0) or (every == 0 and epoch_end) or step == total
-                    )
-                    periodic = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
-                    stop_asked = self.stop_event is not None and self.stop_event.is_set()
-                    if (
-                        step % read_every == 0
-                        or step == total
-                        or want_eval
-                        or (periodic and self.out is not None)
-                        or stop_asked
-                    ):
-                        settle()
-                    user_stop = self.stop_event is not None and self.stop_event.is_set()
-                    user_stop = broadcast_flag(user_stop, device)
-                    if user_stop and pending:
-                        settle()
-                    early = False
-                    if want_eval:
-                        early = self._evaluate(eval_data, step, epoch)  # type: ignore[arg-type]
-                    early = broadcast_flag(early, device)
+            scaler.scale(loss / group).backward()
+        return loss.detach()
 
-                    if self.out is not None and (periodic or user_stop or early or step == total):
-                        self._checkpoint(
-                            optimizer, scaler, step, epoch, batch_in_epoch, samples_before + samples
-                        )
-                    if user_stop:
-                        stopped = "user"
-                    elif early:
-                        stopped = "early_stopping"
-                    if stopped != "finished":
-                        stop_now = True
-                        break
-                if stop_now:
-                    break
-        finally:
-            pbar.close()
-            with contextlib.suppress(Exception):
-                del batches  # stops the worker processes now rather than at garbage collection
-        elapsed = time.perf_counter() - t_start
-        return self._finish(stopped, step, epoch, samples, elapsed, elapsed_before, eval_data, counts)
+    def _train_step(
+        self,
+        train: PreparedPosts,
+        parts: _LoopParts,
+        pos: _Position,
+        batches: Any,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        """One optimizer step: ``grad_accum_steps`` global batches, clipping, the update (or its skip)."""
+        cfg = self.config
+        clip = self.clip
+        device = clip.device
+        t0 = time.perf_counter()
+        group = min(cfg.grad_accum_steps, parts.n_batches - pos.batch_in_epoch)
+        loss_acc = torch.zeros((), device=device)
+        for micro in range(group):
+            batch = next(batches)
+            pos.batch_in_epoch += 1
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and micro < group - 1:
+                sync = parts.wrapper.no_sync()  # type: ignore[operator]
+            loss_acc += self._micro_batch(train, parts, batch, sync, group, scaler) / group
+        pos.samples += self.batch * group
+        step_lr = cfg.lr_at(pos.step, self.total)
+        norm = None
+        if cfg.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(parts.params, cfg.grad_clip)
+        # loss, temperature (and gradient norm) before the update, as one device tensor
+        readings = [mean_across_ranks(loss_acc), clip.model.logit_scale.detach().float().exp()]
+        if norm is not None:
+            readings.append(norm.detach().float())
+        reading = torch.stack([r.reshape(()).float().to(device) for r in readings])
+        for g in optimizer.param_groups:
+            g["lr"] = step_lr
+        if parts.deferred:
+            # fused AdamW skips the whole update on the device when found_inf is 1 (a non-finite loss or
+            # gradient norm), so the host need not wait for this step's numbers
+            optimizer.found_inf = (~torch.isfinite(reading[0::2]).all()).float()
+            optimizer.step()
+            values: Any = reading
+        else:
+            # the one host-device sync of a step: the numbers decide whether to update
+            values = reading.tolist()
+            bad = not math.isfinite(values[0])
+            if not bad and norm is not None and not math.isfinite(values[2]):
+                # fp16 overflow is the scaler's business (it skips the update itself)
+                bad = self.precision != "fp16"
+            if not bad:
+                scaler.step(optimizer)
+                scaler.update()
+        if getattr(clip.model, "logit_scale", None) is not None:
+            with torch.no_grad():  # a skipped update left it in range already
+                clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        pos.pending.append((pos.step, pos.epoch, step_lr, values, self.batch * group, t0))
+
+    def _after_step(
+        self,
+        parts: _LoopParts,
+        pos: _Position,
+        eval_data: PreparedPosts | None,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> bool:
+        """Logging, evaluation, checkpoint and the stop decision after a step; True when the run stops."""
+        cfg = self.config
+        device = self.clip.device
+        step, total = pos.step, self.total
+        epoch_end = pos.batch_in_epoch >= parts.n_batches
+        every = cfg.eval_every_steps
+        want_eval = eval_data is not None and (
+            (every > 0 and step % every == 0) or (every == 0 and epoch_end) or step == total
+        )
+        periodic = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
+        stop_asked = self.stop_event is not None and self.stop_event.is_set()
+        if (
+            step % parts.read_every == 0
+            or step == total
+            or want_eval
+            or (periodic and self.out is not None)
+            or stop_asked
+        ):
+            self._settle(parts, pos)
+        user_stop = self.stop_event is not None and self.stop_event.is_set()
+        user_stop = broadcast_flag(user_stop, device)
+        if user_stop and pos.pending:
+            self._settle(parts, pos)
+        early = False
+        if want_eval:
+            early = self._evaluate(eval_data, step, pos.epoch)  # type: ignore[arg-type]
+        early = broadcast_flag(early, device)
+
+        if self.out is not None and (periodic or user_stop or early or step == total):
+            self._checkpoint(
+                optimizer, scaler, step, pos.epoch, pos.batch_in_epoch, pos.samples_before + pos.samples
+            )
+        if user_stop:
+            pos.stopped = "user"
+        elif early:
+            pos.stopped = "early_stopping"
+        return pos.stopped != "finished"
+
+    def _settle(self, parts: _LoopParts, pos: _Position) -> None:
+        """Read the numbers of the steps not read yet; report them (history, progress bar, ``on_step``)."""
+        pending = pos.pending
+        if not pending:
+            return
+        cfg = self.config
+        if parts.deferred:  # the one host-device sync of a burst of steps
+            rows = torch.stack([p[3] for p in pending]).tolist()
+        else:
+            rows = [p[3] for p in pending]
+        now = time.perf_counter()
+        window_s = now - pending[0][5]
+        window_samples = sum(p[4] for p in pending)
+        rate = window_samples / window_s if window_s > 0 else float("nan")
+        entries = list(pending)
+        pending.clear()
+        for (at, ep, lr_used, _, _, _), values in zip(entries, rows, strict=True):
+            loss_sum, scale_now = values[0], values[1]
+            grad_norm = values[2] if len(values) > 2 else None
+            bad_loss = None if math.isfinite(loss_sum) else loss_sum
+            if bad_loss is None and grad_norm is not None and not math.isfinite(grad_norm):
+                if self.precision != "fp16":  # fp16 overflow is the scaler's business (it skips)
+                    bad_loss = grad_norm
+            if bad_loss is not None:
+                self.nan_count += 1
+                if self.nan_count > cfg.max_nan_tolerance:
+                    found = ckpt.list_checkpoints(self.out) if self.out is not None else []
+                    last = found[-1] if found else None
+                    if self.out is not None and self.dist.is_main:
+                        self._write_run_file("diverged", at, last)
+                    raise TrainingDivergedError(at, bad_loss, last, self.nan_count)
+                warnings.warn(
+                    f"Non-finite loss ({bad_loss}) at step {at}; step skipped "
+                    f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
+                    NonFiniteLossWarning,
+                    stacklevel=5,
+                )
+            info = StepInfo(
+                step=at,
+                total_steps=self.total,
+                epoch=ep,
+                loss=loss_sum if bad_loss is None else float("nan"),
+                lr=lr_used,
+                logit_scale=scale_now,
+                samples_per_s=rate,
+                grad_norm=grad_norm,
+                skipped=bad_loss is not None,
+                elapsed_s=pos.elapsed_before + now - pos.t_start,
+            )
+            self.history.append(dataclasses.asdict(info))
+            parts.pbar.update(1)
+            if parts.show:
+                parts.pbar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+            if self.dist.is_main and self.on_step is not None:
+                self.on_step(info)
 
     # ------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, data: PreparedPosts, step: int, epoch: int) -> bool:
