@@ -505,6 +505,7 @@ def model_writer(
 def trainer_state(
     *,
     optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     step: int,
     epoch: int,
@@ -532,6 +533,7 @@ def trainer_state(
         "epoch": epoch,
         "batch_in_epoch": batch_in_epoch,
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
         "rng": capture_rng(),
         "config": config.to_dict(),

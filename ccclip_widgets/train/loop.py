@@ -662,6 +662,26 @@ class _Trainer:
             kwargs["fused"] = True
         return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
 
+    def _total_steps(self, n: int) -> int:
+        cfg = self.config
+        steps_per_epoch = math.ceil((n // self.batch) / cfg.grad_accum_steps)
+        return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+    def _restore_schedule(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Put the learning-rate schedule where the checkpoint left it (after the optimizer's own state)."""
+        scheduler = self.scheduler
+        if state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # a checkpoint written before the schedule was saved: its position is the step count
+            scheduler.last_epoch = int(state["step"])
+        # the schedule follows the config of this run (a changed lr or schedule was warned about)
+        peak = self.config.resolved_lr
+        scheduler.base_lrs = [peak] * len(optimizer.param_groups)
+        lr = peak * self.config.lr_factor(scheduler.last_epoch, self.total)
+        for g in optimizer.param_groups:
+            g["initial_lr"], g["lr"] = peak, lr
+        scheduler._last_lr = [lr] * len(optimizer.param_groups)  # type: ignore[attr-defined]
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         model = self.clip.model
         names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -769,10 +789,15 @@ class _Trainer:
                     load_adapter(resume_dir, clip.model, self.lora)  # type: ignore[arg-type]
                 else:
                     ckpt.load_full_weights(resume_dir, clip.model)  # type: ignore[arg-type]
+            self.total = self._total_steps(len(train))
             optimizer = self._optimizer(cfg.resolved_lr)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: cfg.lr_factor(step, self.total)
+            )
             scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
             if state is not None:
                 optimizer.load_state_dict(state["optimizer"])
+                self._restore_schedule(optimizer, state)
                 if state.get("scaler"):
                     scaler.load_state_dict(state["scaler"])
             result = self._loop(train, eval_data, optimizer, scaler, state, counts)
@@ -879,8 +904,6 @@ class _Trainer:
         device = clip.device
         n = len(train)
         n_batches = n // self.batch
-        steps_per_epoch = math.ceil(n_batches / cfg.grad_accum_steps)
-        self.total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
         workers = cfg.num_workers if cfg.num_workers is not None else default_train_workers(device, n)
         dataset = PairDataset(
             train.sources,
@@ -1055,7 +1078,7 @@ class _Trainer:
                 sync = parts.wrapper.no_sync()  # type: ignore[operator]
             loss_acc += self._micro_batch(train, parts, batch, sync, group, scaler) / group
         pos.samples += self.batch * group
-        step_lr = cfg.lr_at(pos.step, self.total)
+        step_lr = float(optimizer.param_groups[0]["lr"])  # the schedule's: cfg.lr_at(step, total)
         norm = None
         if cfg.grad_clip is not None:
             scaler.unscale_(optimizer)
@@ -1065,8 +1088,6 @@ class _Trainer:
         if norm is not None:
             readings.append(norm.detach().float())
         reading = torch.stack([r.reshape(()).float().to(device) for r in readings])
-        for g in optimizer.param_groups:
-            g["lr"] = step_lr
         if parts.deferred:
             # fused AdamW skips the whole update on the device when found_inf is 1 (a non-finite loss or
             # gradient norm), so the host need not wait for this step's numbers
@@ -1087,6 +1108,9 @@ class _Trainer:
             with torch.no_grad():  # a skipped update left it in range already
                 clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped first update is no misuse of the scheduler
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.scheduler.step()
         pos.step += 1
         pos.pending.append((pos.step, pos.epoch, step_lr, values, self.batch * group, t0))
 
@@ -1299,6 +1323,7 @@ class _Trainer:
         if self.dist.is_main and self.out is not None:
             state = ckpt.trainer_state(
                 optimizer=optimizer,
+                scheduler=self.scheduler,
                 scaler=scaler,
                 step=step,
                 epoch=epoch,
