@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CCClipError, NonFiniteLossWarning, TrainingDivergedError, TrainingWarning
+from ..errors import NonFiniteLossWarning, TrainingDivergedError, TrainingWarning
 from ..models import ClipModel
 from . import checkpoint as ckpt
 from .cached import HeadsForward, cached_batches, heads_only, tower_features
@@ -43,10 +42,19 @@ from .data import (
     prepare_posts,
 )
 from .distributed import DistInfo, barrier, broadcast_flag, init_distributed, mean_across_ranks
+from .evaluation import _autocast, _resolve_precision, evaluate_in_memory
 from .freeze import apply_trainable, freeze_locked_batchnorm
 from .lora import LoraHandle, adapter_state, inject_lora, load_adapter, save_adapter
 from .loss import ClipLoss
-from .metrics import metrics_frame, post_groups, retrieval_metrics
+from .metrics import metrics_frame
+from .results import (
+    _SKIP_SCHEMA,
+    EvalInfo,
+    EvalVectors,
+    FineTuneResult,
+    StepInfo,
+    TrainingOutOfMemoryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,183 +102,6 @@ _EXACTNESS = (
 )
 
 
-# ================================================================================================= public types
-class TrainingOutOfMemoryError(CCClipError, torch.cuda.OutOfMemoryError):
-    """The GPU ran out of memory; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What happened in one optimizer step (passed to ``on_step``).
-
-    Attributes
-    ----------
-    step, total_steps
-        1-based step and the run's length.
-    epoch
-        0-based epoch the step belongs to.
-    loss
-        Mean contrastive loss over the step's global batches (``nan`` for a skipped step).
-    lr
-        Learning rate used.
-    logit_scale
-        The inverse temperature ``exp(logit_scale)`` used in this step (at most 100).
-    samples_per_s
-        Image-text pairs per second in this step (all processes together, data loading included).
-    grad_norm
-        Gradient norm before clipping (``None`` without clipping).
-    skipped
-        True when the step was skipped because its loss was not finite.
-    elapsed_s
-        Seconds since training started (this session).
-    """
-
-    step: int
-    total_steps: int
-    epoch: int
-    loss: float
-    lr: float
-    logit_scale: float
-    samples_per_s: float
-    grad_norm: float | None = None
-    skipped: bool = False
-    elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class EvalVectors:
-    """The evaluation posts as the evaluated weights encode them: one L2-normalized row per post.
-
-    Attributes
-    ----------
-    table
-        The evaluated posts (``eval_posts`` less posts without an image), rows aligned with the vectors.
-    image, text
-        ``N x D`` float32 image and text vectors.
-    image_ok
-        ``N`` booleans: False where the image failed to decode (its vector is zeros and the post was not scored).
-    """
-
-    table: pl.DataFrame
-    image: np.ndarray
-    text: np.ndarray
-    image_ok: np.ndarray
-
-
-@dataclass(frozen=True)
-class EvalInfo:
-    """One evaluation on the held-out posts (passed to ``on_eval``).
-
-    Attributes
-    ----------
-    step, epoch
-        When it ran (step 0 = before training).
-    metrics
-        Flat ``"{direction}/{group}/{metric}"`` values (see :mod:`.metrics`).
-    table
-        The same as a polars table (direction x group rows).
-    is_best
-        True when the early-stopping metric improved.
-    best_value
-        Best value of the early-stopping metric so far (``None`` when none is watched).
-    vectors
-        The vectors that were scored (:class:`EvalVectors`), so listeners need not encode the posts again.
-    """
-
-    step: int
-    epoch: int
-    metrics: dict[str, float]
-    table: pl.DataFrame
-    is_best: bool = False
-    best_value: float | None = None
-    vectors: EvalVectors | None = None
-
-
-@dataclass
-class FineTuneResult:
-    """Outcome of :func:`fine_tune`.
-
-    Attributes
-    ----------
-    model
-        The trained :class:`~ccclip_widgets.models.ClipModel` (the same object that was passed in).
-    config
-        The config used.
-    steps, total_steps
-        Optimizer steps done and planned.
-    stopped
-        ``"finished"``, ``"early_stopping"`` or ``"user"`` (``stop_event``).
-    history
-        One dict per step (``StepInfo`` fields).
-    eval_history
-        One dict per evaluation: ``step``, ``epoch`` and the flat metrics.
-    final_metrics
-        Metrics of the returned weights (the best evaluation when they were restored), or ``{}``.
-    best_metric, best_step
-        The early-stopping metric's best value and its step.
-    output_dir, final_dir, best_dir, last_checkpoint
-        Where things were written (``None`` without ``out_dir``).
-    skipped
-        Posts left out, with ``post_id``, ``reason``, ``detail`` (no image, image failed to decode).
-    data_fingerprint
-        Hash of the training posts.
-    trainable_params
-        Trainable parameter counts by tower.
-    batch_size
-        The global batch size used (it may have been shrunk to fit the data).
-    elapsed_s, samples_per_s
-        Training time in this session and mean throughput.
-    """
-
-    model: ClipModel
-    config: FineTuneConfig
-    steps: int
-    total_steps: int
-    stopped: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
-    final_metrics: dict[str, float] = field(default_factory=dict)
-    best_metric: float | None = None
-    best_step: int | None = None
-    output_dir: Path | None = None
-    final_dir: Path | None = None
-    best_dir: Path | None = None
-    last_checkpoint: Path | None = None
-    skipped: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_SKIP_SCHEMA))
-    data_fingerprint: str = ""
-    trainable_params: dict[str, int] = field(default_factory=dict)
-    batch_size: int = 0
-    elapsed_s: float = 0.0
-    samples_per_s: float = 0.0
-
-    def metrics_table(self) -> pl.DataFrame:
-        """``final_metrics`` as a table (direction x group rows, recall and rank columns)."""
-        return metrics_frame(self.final_metrics)
-
-    def summary(self) -> str:
-        """A few human-readable lines: what ran, how it ended, where it was saved."""
-        loss = next((h["loss"] for h in reversed(self.history) if not h.get("skipped")), float("nan"))
-        lines = [
-            f"fine-tuned {self.model.name}: {self.steps}/{self.total_steps} steps ({self.stopped}), "
-            f"batch {self.batch_size}, final loss {loss:.4f}, {self.samples_per_s:.1f} pairs/s",
-            f"trainable parameters: {self.trainable_params.get('total', 0):,}",
-        ]
-        if self.skipped.height:
-            lines.append(f"posts skipped: {self.skipped.height} (see result.skipped)")
-        if self.best_metric is not None:
-            lines.append(
-                f"best {self.config.early_stopping_metric} = {self.best_metric:.4f} at step {self.best_step}"
-            )
-        if self.final_dir is not None:
-            lines.append(f"model: {self.final_dir}")
-        elif self.last_checkpoint is not None:
-            lines.append(f"checkpoint: {self.last_checkpoint}")
-        return "\n".join(lines)
-
-
-_SKIP_SCHEMA = {"post_id": pl.String, "reason": pl.String, "detail": pl.String}
-
-
 # ================================================================================================= helpers
 class _DualEncoder(nn.Module):
     """Forward = both towers + temperature, so DistributedDataParallel sees one module call per step."""
@@ -285,25 +116,6 @@ class _DualEncoder(nn.Module):
         image_features = F.normalize(self.model.encode_image(images), dim=-1)
         text_features = F.normalize(self.model.encode_text(texts), dim=-1)
         return image_features, text_features, self.model.logit_scale.exp()
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            f"precision='fp16' needs a CUDA device (the model is on {device}); use 'bf16' or 'fp32'"
-        )
-    return precision
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -329,117 +141,6 @@ def _oom_error(
         + "; ".join(hints)
         + f". ({exc})"
     )
-
-
-@torch.no_grad()
-def evaluate_in_memory(
-    clip: ClipModel,
-    data: PreparedPosts,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    features: Any | None = None,
-    vectors_out: list[EvalVectors] | None = None,
-) -> tuple[dict[str, float], int]:
-    """Embed the evaluation posts with the current weights and score retrieval both ways, per group.
-
-    Parameters
-    ----------
-    clip
-        The model (evaluated as it is, adapters included).
-    data
-        From :func:`~.data.prepare_posts`.
-    batch_size
-        Images or texts per forward pass.
-    num_workers
-        Decoding workers.
-    precision
-        ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast.
-    features
-        The posts' frozen tower outputs (:func:`~.cached.tower_features`): only the heads run.
-    vectors_out
-        A list that receives the scored vectors (:class:`EvalVectors`), for callers that show them too.
-
-    Returns
-    -------
-    (metrics, n_failed)
-        Flat metrics (see :mod:`.metrics`; the same numbers as
-        :func:`~ccclip_widgets.evaluate.evaluate_retrieval` with ``pool="all"`` on these vectors) and the number of
-        posts left out because their image failed to decode.
-    """
-    model = clip.model
-    was_training = model.training
-    model.eval()
-    image_ids = data.image_ids.numpy()
-    text_ids = data.text_ids.numpy()
-    if features is not None:
-        from .cached import project
-
-        try:
-            img_feats, txt_feats = project(model, features)
-        finally:
-            model.train(was_training)
-            if was_training:
-                freeze_locked_batchnorm(model)
-        ok = features.image_ok.cpu()
-    else:
-        img_feats, txt_feats, ok = _encode_eval(clip, data, batch_size, num_workers, precision, was_training)
-    good_image = ok.numpy()[image_ids]  # image_ids are 0..I-1 in order of first appearance == sorted keys
-    # posts whose image failed are neither queries nor candidates
-    groups = {k: v[good_image] for k, v in post_groups(data.table).items()}
-    img_np, txt_np = img_feats.numpy(), txt_feats.numpy()
-    metrics = retrieval_metrics(img_np, txt_np, image_ids[good_image], text_ids[good_image], groups)
-    if vectors_out is not None:
-        vectors_out.append(EvalVectors(data.table, img_np[image_ids], txt_np[text_ids], good_image))
-    return metrics, int((~good_image).sum())
-
-
-def _encode_eval(
-    clip: ClipModel,
-    data: PreparedPosts,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
-    was_training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    model = clip.model
-    device = clip.device
-    try:
-        image_ids = data.image_ids.numpy()
-        text_ids = data.text_ids.numpy()
-        first_img = {int(v): i for i, v in reversed(list(enumerate(image_ids)))}
-        first_txt = {int(v): i for i, v in reversed(list(enumerate(text_ids)))}
-        img_rows = [first_img[k] for k in sorted(first_img)]
-        txt_rows = [first_txt[k] for k in sorted(first_txt)]
-        dataset = PairDataset(
-            data.sources, clip.image_size, clip.preprocess, clip.preprocess_cfg, augment=False, seed=0
-        )
-        batches = [
-            [(r, 0) for r in img_rows[s : s + batch_size]] for s in range(0, len(img_rows), batch_size)
-        ]
-        loader = make_loader(dataset, batches, num_workers=num_workers, pin_memory=False, seed=0)
-        img_feats = torch.zeros(len(img_rows), clip.embed_dim)
-        ok = torch.ones(len(img_rows), dtype=torch.bool)
-        pos = 0
-        for _, pixels, valid, _ in loader:
-            pixels = pixels.to(device, non_blocking=True)
-            with _autocast(device, precision):
-                feats = model.encode_image(pixels)
-            img_feats[pos : pos + len(pixels)] = F.normalize(feats.float(), dim=-1).cpu()
-            ok[pos : pos + len(pixels)] = valid
-            pos += len(pixels)
-        txt_feats = torch.zeros(len(txt_rows), clip.embed_dim)
-        for s in range(0, len(txt_rows), batch_size):
-            tokens = data.tokens[txt_rows[s : s + batch_size]].to(device, non_blocking=True)
-            with _autocast(device, precision):
-                feats = model.encode_text(tokens)
-            txt_feats[s : s + len(tokens)] = F.normalize(feats.float(), dim=-1).cpu()
-    finally:
-        model.train(was_training)
-        if was_training:
-            freeze_locked_batchnorm(model)
-    return img_feats, txt_feats, ok
 
 
 # ================================================================================================= fine_tune
