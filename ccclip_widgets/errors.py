@@ -275,7 +275,7 @@ def exit_code_for(exc: BaseException) -> int:
 
 def __getattr__(name: str) -> Any:
     if name == "TrainingOutOfMemoryError":  # derives from torch.cuda.OutOfMemoryError: needs torch
-        from .train.loop import TrainingOutOfMemoryError
+        from .train.results import TrainingOutOfMemoryError
 
         return TrainingOutOfMemoryError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -162,6 +162,47 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_arch, shape_posts,
     meta = json.loads((tmp_path / "b" / "final" / "ccclip.json").read_text())
     assert meta["training"]["data_fingerprint"] == ra.data_fingerprint and meta["training"]["step"] == 9
     assert meta["training"]["hardware"]["device"] == "cpu"
+    # the LambdaLR schedule is saved with the optimizer and resumes where it stopped
+    assert state["scheduler"]["last_epoch"] == 5
+    assert [h["lr"] for h in ra.history] == [cfg.lr_at(s, 9) for s in range(9)]
+    assert [h["lr"] for h in rc.history] == [h["lr"] for h in ra.history]
+
+
+def test_resume_from_a_checkpoint_without_saved_schedule(tiny_arch, shape_posts, tmp_path, monkeypatch):
+    """Checkpoints written before the LambdaLR state was saved resume at the schedule's step, exactly."""
+    from ccclip_widgets.train import checkpoint as ckpt
+
+    cfg = _cfg(max_steps=6, batch_size=8, warmup_steps=2, checkpoint_every_steps=3, min_lr_ratio=0.1)
+    a = _fresh(tiny_arch)
+    ra = fine_tune(a, shape_posts, cfg)
+    real = ckpt.trainer_state
+    monkeypatch.setattr(
+        ckpt, "trainer_state", lambda **kw: {k: v for k, v in real(**kw).items() if k != "scheduler"}
+    )
+    stop = threading.Event()
+    fine_tune(
+        _fresh(tiny_arch),
+        shape_posts,
+        cfg,
+        out_dir=tmp_path,
+        stop_event=stop,
+        on_step=lambda i: i.step == 3 and stop.set(),
+    )
+    monkeypatch.setattr(ckpt, "trainer_state", real)
+    assert "scheduler" not in load_trainer_state(tmp_path / "checkpoint-0000003")
+    c = _fresh(tiny_arch)
+    rc = fine_tune(c, shape_posts, cfg, resume_from=tmp_path)
+    assert [h["lr"] for h in rc.history] == [h["lr"] for h in ra.history]
+    assert not _changed(_state(a), _state(c))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_of_every_step_is_the_configs_lr_at(tiny_arch, shape_posts, schedule):
+    cfg = _cfg(max_steps=6, batch_size=8, warmup_steps=2, schedule=schedule, min_lr_ratio=0.1)
+    lrs: list[float] = []
+    result = fine_tune(_fresh(tiny_arch), shape_posts, cfg, on_step=lambda i: lrs.append(i.lr))
+    assert lrs == [cfg.lr_at(s, 6) for s in range(6)]
+    assert [h["lr"] for h in result.history] == lrs
 
 
 def test_resume_refuses_other_posts_and_other_trainable_sets(tiny_arch, shape_posts, tmp_path):

@@ -171,7 +171,7 @@ def tower_features(
     """
     from tqdm.auto import tqdm
 
-    from .loop import _autocast
+    from .evaluation import _autocast
 
     model = clip.model
     parts = _split_towers(model)

@@ -31,12 +31,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import random
 import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -419,3 +420,166 @@ def read_run_file(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+# ================================================================================================= a run's files
+# What the trainer writes into a run folder, as functions of explicit arguments (the trainer holds the state).
+
+
+def hardware(device: torch.device, world: int) -> dict[str, Any]:
+    """Where a run trained: device, processes, torch version, CPU count, platform (and the GPU's name)."""
+    hw: dict[str, Any] = {
+        "device": str(device),
+        "world_size": world,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def training_meta(
+    *,
+    config: Any,
+    step: int,
+    total_steps: int | None,
+    epoch: int,
+    batch_size: int,
+    metrics: dict[str, Any],
+    data_fingerprint: str,
+    n_train_posts: int,
+    base: dict[str, Any],
+    device: torch.device,
+    world_size: int,
+) -> dict[str, Any]:
+    """The ``training`` block stored in every model folder's JSON."""
+    return {
+        "training": {
+            "config": config.to_dict(),
+            "step": step,
+            "total_steps": total_steps,
+            "epoch": epoch,
+            "batch_size": batch_size,
+            "metrics": metrics,
+            "data_fingerprint": data_fingerprint,
+            "n_train_posts": n_train_posts,
+            "base_model": base,
+            "hardware": hardware(device, world_size),
+        }
+    }
+
+
+def provenance(clip: Any, base: dict[str, Any]) -> dict[str, Any]:
+    """Provenance of a fine-tuned full model: the run and the base it started from."""
+    return {
+        "source": "ccclip_widgets.train.fine_tune",
+        "base_spec": base.get("spec"),
+        "base_fingerprint": base.get("fingerprint"),
+        "base_provenance": clip.provenance,
+    }
+
+
+def model_writer(
+    clip: Any,
+    lora: Any | None,
+    base: dict[str, Any],
+    meta: dict[str, Any],
+    adapter: dict[str, torch.Tensor] | None = None,
+) -> Callable[[Path], None]:
+    """A writer for :func:`write_folder`: the LoRA adapters (``adapter``, or the model's now) or the full model."""
+    from .lora import adapter_state, save_adapter
+
+    def write(tmp: Path) -> None:
+        if lora is not None:
+            state = adapter if adapter is not None else adapter_state(clip.model, lora)
+            save_adapter(tmp, state, lora, base=base, extra=meta)
+        else:
+            clip.invalidate_fingerprint()
+            save_model_into(tmp, clip, provenance=provenance(clip, base), extra=meta)
+
+    return write
+
+
+def trainer_state(
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    config: Any,
+    data_fingerprint: str,
+    base: dict[str, Any],
+    history: list[dict[str, Any]],
+    eval_history: list[dict[str, Any]],
+    best: dict[str, Any],
+    nan_count: int,
+    failures: dict[str, str],
+    batch_size: int,
+    world_size: int,
+    samples_seen: int,
+) -> dict[str, Any]:
+    """Everything a resumed run needs to continue bit for bit (the contents of ``trainer_state.pt``).
+
+    Tensors, dicts, lists, numbers and strings only, so that it loads with ``weights_only=True``; the RNG states
+    are captured now.
+    """
+    return {
+        "format_version": 1,
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "rng": capture_rng(),
+        "config": config.to_dict(),
+        "data_fingerprint": data_fingerprint,
+        "base": base,
+        "history": history,
+        "eval_history": eval_history,
+        "best": best,
+        "nan_count": nan_count,
+        "failures": [[k, v] for k, v in failures.items()],
+        "batch_size": batch_size,
+        "world_size": world_size,
+        "samples_seen": samples_seen,
+        "elapsed_s": float(history[-1]["elapsed_s"]) if history else 0.0,
+    }
+
+
+def write_checkpoint(
+    run_dir: Path, step: int, writer: Callable[[Path], None], state: dict[str, Any], keep: int
+) -> Path:
+    """Write ``checkpoint-N`` (model + trainer state) atomically and prune to the newest ``keep``."""
+    folder = run_dir / checkpoint_name(step)
+    write_folder(folder, writer, state)
+    prune_checkpoints(run_dir, keep)
+    return folder
+
+
+def run_info(
+    *,
+    status: str,
+    step: int,
+    total_steps: int | None,
+    latest: Path | None,
+    best: dict[str, Any] | None,
+    final: Path | None,
+    data_fingerprint: str,
+    config: Any,
+) -> dict[str, Any]:
+    """The contents of ``run.json``; ``best`` is ``{"metric", "value", "step"}`` or None."""
+    return {
+        "status": status,
+        "step": step,
+        "total_steps": total_steps,
+        "latest_checkpoint": latest.name if latest is not None else None,
+        "best": None if best is None else {"dir": "best", **best},
+        "final": final.name if final is not None else None,
+        "data_fingerprint": data_fingerprint,
+        "config": config.to_dict(),
+    }

@@ -353,6 +353,24 @@ class FineTuneConfig:
             return min(self.warmup_steps, total_steps)
         return int(self.warmup_fraction * total_steps)
 
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The schedule as a multiple of the peak rate: ``lr_at(step, total) == resolved_lr * lr_factor(step, total)``.
+
+        This is the function the trainer's :class:`torch.optim.lr_scheduler.LambdaLR` follows.
+        """
+        warm = self.warmup_for(total_steps)
+        if step < warm:
+            return (step + 1) / warm
+        if self.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warm)
+        progress = min(1.0, (step - warm) / span)
+        if self.schedule == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            factor = 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * factor
+
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``: warm-up, then the schedule.
 
@@ -367,19 +385,7 @@ class FineTuneConfig:
         -------
         float
         """
-        peak = self.resolved_lr
-        warm = self.warmup_for(total_steps)
-        if step < warm:
-            return peak * (step + 1) / warm
-        if self.schedule == "constant":
-            return peak
-        span = max(1, total_steps - warm)
-        progress = min(1.0, (step - warm) / span)
-        if self.schedule == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-        else:
-            factor = 1.0 - progress
-        return peak * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * factor)
+        return self.resolved_lr * self.lr_factor(step, total_steps)
 
     # ------------------------------------------------------------------------------------------- (de)serialize
     def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import os
-import platform
 import threading
 import time
 import warnings
@@ -23,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CCClipError, NonFiniteLossWarning, TrainingDivergedError, TrainingWarning
+from ..errors import NonFiniteLossWarning, TrainingDivergedError, TrainingWarning
 from ..models import ClipModel
 from . import checkpoint as ckpt
 from .cached import HeadsForward, cached_batches, heads_only, tower_features
@@ -44,10 +42,19 @@ from .data import (
     prepare_posts,
 )
 from .distributed import DistInfo, barrier, broadcast_flag, init_distributed, mean_across_ranks
+from .evaluation import _autocast, _resolve_precision, evaluate_in_memory
 from .freeze import apply_trainable, freeze_locked_batchnorm
 from .lora import LoraHandle, adapter_state, inject_lora, load_adapter, save_adapter
 from .loss import ClipLoss
-from .metrics import metrics_frame, post_groups, retrieval_metrics
+from .metrics import metrics_frame
+from .results import (
+    _SKIP_SCHEMA,
+    EvalInfo,
+    EvalVectors,
+    FineTuneResult,
+    StepInfo,
+    TrainingOutOfMemoryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,183 +102,6 @@ _EXACTNESS = (
 )
 
 
-# ================================================================================================= public types
-class TrainingOutOfMemoryError(CCClipError, torch.cuda.OutOfMemoryError):
-    """The GPU ran out of memory; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What happened in one optimizer step (passed to ``on_step``).
-
-    Attributes
-    ----------
-    step, total_steps
-        1-based step and the run's length.
-    epoch
-        0-based epoch the step belongs to.
-    loss
-        Mean contrastive loss over the step's global batches (``nan`` for a skipped step).
-    lr
-        Learning rate used.
-    logit_scale
-        The inverse temperature ``exp(logit_scale)`` used in this step (at most 100).
-    samples_per_s
-        Image-text pairs per second in this step (all processes together, data loading included).
-    grad_norm
-        Gradient norm before clipping (``None`` without clipping).
-    skipped
-        True when the step was skipped because its loss was not finite.
-    elapsed_s
-        Seconds since training started (this session).
-    """
-
-    step: int
-    total_steps: int
-    epoch: int
-    loss: float
-    lr: float
-    logit_scale: float
-    samples_per_s: float
-    grad_norm: float | None = None
-    skipped: bool = False
-    elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class EvalVectors:
-    """The evaluation posts as the evaluated weights encode them: one L2-normalized row per post.
-
-    Attributes
-    ----------
-    table
-        The evaluated posts (``eval_posts`` less posts without an image), rows aligned with the vectors.
-    image, text
-        ``N x D`` float32 image and text vectors.
-    image_ok
-        ``N`` booleans: False where the image failed to decode (its vector is zeros and the post was not scored).
-    """
-
-    table: pl.DataFrame
-    image: np.ndarray
-    text: np.ndarray
-    image_ok: np.ndarray
-
-
-@dataclass(frozen=True)
-class EvalInfo:
-    """One evaluation on the held-out posts (passed to ``on_eval``).
-
-    Attributes
-    ----------
-    step, epoch
-        When it ran (step 0 = before training).
-    metrics
-        Flat ``"{direction}/{group}/{metric}"`` values (see :mod:`.metrics`).
-    table
-        The same as a polars table (direction x group rows).
-    is_best
-        True when the early-stopping metric improved.
-    best_value
-        Best value of the early-stopping metric so far (``None`` when none is watched).
-    vectors
-        The vectors that were scored (:class:`EvalVectors`), so listeners need not encode the posts again.
-    """
-
-    step: int
-    epoch: int
-    metrics: dict[str, float]
-    table: pl.DataFrame
-    is_best: bool = False
-    best_value: float | None = None
-    vectors: EvalVectors | None = None
-
-
-@dataclass
-class FineTuneResult:
-    """Outcome of :func:`fine_tune`.
-
-    Attributes
-    ----------
-    model
-        The trained :class:`~ccclip_widgets.models.ClipModel` (the same object that was passed in).
-    config
-        The config used.
-    steps, total_steps
-        Optimizer steps done and planned.
-    stopped
-        ``"finished"``, ``"early_stopping"`` or ``"user"`` (``stop_event``).
-    history
-        One dict per step (``StepInfo`` fields).
-    eval_history
-        One dict per evaluation: ``step``, ``epoch`` and the flat metrics.
-    final_metrics
-        Metrics of the returned weights (the best evaluation when they were restored), or ``{}``.
-    best_metric, best_step
-        The early-stopping metric's best value and its step.
-    output_dir, final_dir, best_dir, last_checkpoint
-        Where things were written (``None`` without ``out_dir``).
-    skipped
-        Posts left out, with ``post_id``, ``reason``, ``detail`` (no image, image failed to decode).
-    data_fingerprint
-        Hash of the training posts.
-    trainable_params
-        Trainable parameter counts by tower.
-    batch_size
-        The global batch size used (it may have been shrunk to fit the data).
-    elapsed_s, samples_per_s
-        Training time in this session and mean throughput.
-    """
-
-    model: ClipModel
-    config: FineTuneConfig
-    steps: int
-    total_steps: int
-    stopped: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
-    final_metrics: dict[str, float] = field(default_factory=dict)
-    best_metric: float | None = None
-    best_step: int | None = None
-    output_dir: Path | None = None
-    final_dir: Path | None = None
-    best_dir: Path | None = None
-    last_checkpoint: Path | None = None
-    skipped: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_SKIP_SCHEMA))
-    data_fingerprint: str = ""
-    trainable_params: dict[str, int] = field(default_factory=dict)
-    batch_size: int = 0
-    elapsed_s: float = 0.0
-    samples_per_s: float = 0.0
-
-    def metrics_table(self) -> pl.DataFrame:
-        """``final_metrics`` as a table (direction x group rows, recall and rank columns)."""
-        return metrics_frame(self.final_metrics)
-
-    def summary(self) -> str:
-        """A few human-readable lines: what ran, how it ended, where it was saved."""
-        loss = next((h["loss"] for h in reversed(self.history) if not h.get("skipped")), float("nan"))
-        lines = [
-            f"fine-tuned {self.model.name}: {self.steps}/{self.total_steps} steps ({self.stopped}), "
-            f"batch {self.batch_size}, final loss {loss:.4f}, {self.samples_per_s:.1f} pairs/s",
-            f"trainable parameters: {self.trainable_params.get('total', 0):,}",
-        ]
-        if self.skipped.height:
-            lines.append(f"posts skipped: {self.skipped.height} (see result.skipped)")
-        if self.best_metric is not None:
-            lines.append(
-                f"best {self.config.early_stopping_metric} = {self.best_metric:.4f} at step {self.best_step}"
-            )
-        if self.final_dir is not None:
-            lines.append(f"model: {self.final_dir}")
-        elif self.last_checkpoint is not None:
-            lines.append(f"checkpoint: {self.last_checkpoint}")
-        return "\n".join(lines)
-
-
-_SKIP_SCHEMA = {"post_id": pl.String, "reason": pl.String, "detail": pl.String}
-
-
 # ================================================================================================= helpers
 class _DualEncoder(nn.Module):
     """Forward = both towers + temperature, so DistributedDataParallel sees one module call per step."""
@@ -288,41 +118,9 @@ class _DualEncoder(nn.Module):
         return image_features, text_features, self.model.logit_scale.exp()
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            f"precision='fp16' needs a CUDA device (the model is on {device}); use 'bf16' or 'fp32'"
-        )
-    return precision
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     low = name.lower()
     return param.ndim < 2 or any(t in low for t in ("bias", "norm", "ln_", "bn", "logit_scale", "embedding"))
-
-
-def _hardware(device: torch.device, world: int) -> dict[str, Any]:
-    hw: dict[str, Any] = {
-        "device": str(device),
-        "world_size": world,
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(device)
-    return hw
 
 
 def _oom_error(
@@ -343,117 +141,6 @@ def _oom_error(
         + "; ".join(hints)
         + f". ({exc})"
     )
-
-
-@torch.no_grad()
-def evaluate_in_memory(
-    clip: ClipModel,
-    data: PreparedPosts,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    features: Any | None = None,
-    vectors_out: list[EvalVectors] | None = None,
-) -> tuple[dict[str, float], int]:
-    """Embed the evaluation posts with the current weights and score retrieval both ways, per group.
-
-    Parameters
-    ----------
-    clip
-        The model (evaluated as it is, adapters included).
-    data
-        From :func:`~.data.prepare_posts`.
-    batch_size
-        Images or texts per forward pass.
-    num_workers
-        Decoding workers.
-    precision
-        ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast.
-    features
-        The posts' frozen tower outputs (:func:`~.cached.tower_features`): only the heads run.
-    vectors_out
-        A list that receives the scored vectors (:class:`EvalVectors`), for callers that show them too.
-
-    Returns
-    -------
-    (metrics, n_failed)
-        Flat metrics (see :mod:`.metrics`; the same numbers as
-        :func:`~ccclip_widgets.evaluate.evaluate_retrieval` with ``pool="all"`` on these vectors) and the number of
-        posts left out because their image failed to decode.
-    """
-    model = clip.model
-    was_training = model.training
-    model.eval()
-    image_ids = data.image_ids.numpy()
-    text_ids = data.text_ids.numpy()
-    if features is not None:
-        from .cached import project
-
-        try:
-            img_feats, txt_feats = project(model, features)
-        finally:
-            model.train(was_training)
-            if was_training:
-                freeze_locked_batchnorm(model)
-        ok = features.image_ok.cpu()
-    else:
-        img_feats, txt_feats, ok = _encode_eval(clip, data, batch_size, num_workers, precision, was_training)
-    good_image = ok.numpy()[image_ids]  # image_ids are 0..I-1 in order of first appearance == sorted keys
-    # posts whose image failed are neither queries nor candidates
-    groups = {k: v[good_image] for k, v in post_groups(data.table).items()}
-    img_np, txt_np = img_feats.numpy(), txt_feats.numpy()
-    metrics = retrieval_metrics(img_np, txt_np, image_ids[good_image], text_ids[good_image], groups)
-    if vectors_out is not None:
-        vectors_out.append(EvalVectors(data.table, img_np[image_ids], txt_np[text_ids], good_image))
-    return metrics, int((~good_image).sum())
-
-
-def _encode_eval(
-    clip: ClipModel,
-    data: PreparedPosts,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
-    was_training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    model = clip.model
-    device = clip.device
-    try:
-        image_ids = data.image_ids.numpy()
-        text_ids = data.text_ids.numpy()
-        first_img = {int(v): i for i, v in reversed(list(enumerate(image_ids)))}
-        first_txt = {int(v): i for i, v in reversed(list(enumerate(text_ids)))}
-        img_rows = [first_img[k] for k in sorted(first_img)]
-        txt_rows = [first_txt[k] for k in sorted(first_txt)]
-        dataset = PairDataset(
-            data.sources, clip.image_size, clip.preprocess, clip.preprocess_cfg, augment=False, seed=0
-        )
-        batches = [
-            [(r, 0) for r in img_rows[s : s + batch_size]] for s in range(0, len(img_rows), batch_size)
-        ]
-        loader = make_loader(dataset, batches, num_workers=num_workers, pin_memory=False, seed=0)
-        img_feats = torch.zeros(len(img_rows), clip.embed_dim)
-        ok = torch.ones(len(img_rows), dtype=torch.bool)
-        pos = 0
-        for _, pixels, valid, _ in loader:
-            pixels = pixels.to(device, non_blocking=True)
-            with _autocast(device, precision):
-                feats = model.encode_image(pixels)
-            img_feats[pos : pos + len(pixels)] = F.normalize(feats.float(), dim=-1).cpu()
-            ok[pos : pos + len(pixels)] = valid
-            pos += len(pixels)
-        txt_feats = torch.zeros(len(txt_rows), clip.embed_dim)
-        for s in range(0, len(txt_rows), batch_size):
-            tokens = data.tokens[txt_rows[s : s + batch_size]].to(device, non_blocking=True)
-            with _autocast(device, precision):
-                feats = model.encode_text(tokens)
-            txt_feats[s : s + len(tokens)] = F.normalize(feats.float(), dim=-1).cpu()
-    finally:
-        model.train(was_training)
-        if was_training:
-            freeze_locked_batchnorm(model)
-    return img_feats, txt_feats, ok
 
 
 # ================================================================================================= fine_tune
@@ -529,6 +216,40 @@ def fine_tune(
         raise TypeError(f"model must be a ClipModel (from load_model), got {type(model).__name__}")
     trainer = _Trainer(model, config, on_step, on_eval, stop_event)
     return trainer.run(train_posts, eval_posts, resume_from, out_dir)
+
+
+@dataclass
+class _Position:
+    """Where a run is: counters saved in checkpoints, this session's clock and the steps not read yet."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0  # pairs trained this session
+    samples_before: int = 0  # ...and before the resume
+    elapsed_before: float = 0.0
+    t_start: float = 0.0
+    stopped: str = "finished"
+    # Steps whose numbers the host has not read yet: (step, epoch, lr, readings, samples, start time).
+    pending: list[tuple[int, int, float, Any, int, float]] = field(default_factory=list)
+
+
+@dataclass
+class _LoopParts:
+    """What the loop works with, built once per run."""
+
+    n_batches: int
+    workers: int
+    dataset: PairDataset
+    normalise: Callable[[torch.Tensor], torch.Tensor]
+    loss_fn: ClipLoss
+    wrapper: nn.Module
+    forward: Callable[..., Any]
+    params: list[torch.Tensor]
+    deferred: bool
+    read_every: int
+    show: bool
+    pbar: Any = None
 
 
 class _Trainer:
@@ -642,6 +363,26 @@ class _Trainer:
             kwargs["fused"] = True
         return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
 
+    def _total_steps(self, n: int) -> int:
+        cfg = self.config
+        steps_per_epoch = math.ceil((n // self.batch) / cfg.grad_accum_steps)
+        return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+    def _restore_schedule(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Put the learning-rate schedule where the checkpoint left it (after the optimizer's own state)."""
+        scheduler = self.scheduler
+        if state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # a checkpoint written before the schedule was saved: its position is the step count
+            scheduler.last_epoch = int(state["step"])
+        # the schedule follows the config of this run (a changed lr or schedule was warned about)
+        peak = self.config.resolved_lr
+        scheduler.base_lrs = [peak] * len(optimizer.param_groups)
+        lr = peak * self.config.lr_factor(scheduler.last_epoch, self.total)
+        for g in optimizer.param_groups:
+            g["initial_lr"], g["lr"] = peak, lr
+        scheduler._last_lr = [lr] * len(optimizer.param_groups)  # type: ignore[attr-defined]
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         model = self.clip.model
         names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -749,10 +490,15 @@ class _Trainer:
                     load_adapter(resume_dir, clip.model, self.lora)  # type: ignore[arg-type]
                 else:
                     ckpt.load_full_weights(resume_dir, clip.model)  # type: ignore[arg-type]
+            self.total = self._total_steps(len(train))
             optimizer = self._optimizer(cfg.resolved_lr)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: cfg.lr_factor(step, self.total)
+            )
             scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
             if state is not None:
                 optimizer.load_state_dict(state["optimizer"])
+                self._restore_schedule(optimizer, state)
                 if state.get("scaler"):
                     scaler.load_state_dict(state["scaler"])
             result = self._loop(train, eval_data, optimizer, scaler, state, counts)
@@ -817,19 +563,48 @@ class _Trainer:
         state: dict[str, Any] | None,
         counts: dict[str, int],
     ) -> FineTuneResult:
-        from tqdm.auto import tqdm
+        parts = self._build_parts(train, optimizer, scaler)
+        pos = self._restore_state(state)
+        self.clip.model.train()
+        freeze_locked_batchnorm(self.clip.model)
+        pos.t_start = time.perf_counter()
+        parts.pbar = self._progress_bar(parts, pos)
+        batches = None
+        try:
+            if (
+                eval_data is not None
+                and self.config.eval_at_start
+                and pos.step == 0
+                and not self.eval_history
+            ):
+                self._evaluate(eval_data, pos.step, pos.epoch)
+            batches = self._make_batches(train, parts, pos)
+            while pos.step < self.total and pos.stopped == "finished":
+                if pos.batch_in_epoch >= parts.n_batches:
+                    pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                while pos.batch_in_epoch < parts.n_batches and pos.step < self.total:
+                    self._train_step(train, parts, pos, batches, optimizer, scaler)
+                    if self._after_step(parts, pos, eval_data, optimizer, scaler):
+                        break
+        finally:
+            parts.pbar.close()
+            with contextlib.suppress(Exception):
+                del batches  # stops the worker processes now rather than at garbage collection
+        elapsed = time.perf_counter() - pos.t_start
+        return self._finish(
+            pos.stopped, pos.step, pos.epoch, pos.samples, elapsed, pos.elapsed_before, eval_data, counts
+        )
 
+    def _build_parts(
+        self, train: PreparedPosts, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    ) -> _LoopParts:
+        """The run's length, the data set, the loss and the (wrapped, maybe compiled) forward pass."""
         cfg = self.config
         clip = self.clip
         dist = self.dist
         device = clip.device
-        batch = self.batch
         n = len(train)
-        accum = cfg.grad_accum_steps
-        n_batches = n // batch
-        steps_per_epoch = math.ceil(n_batches / accum)
-        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        self.total = total
+        n_batches = n // self.batch
         workers = cfg.num_workers if cfg.num_workers is not None else default_train_workers(device, n)
         dataset = PairDataset(
             train.sources,
@@ -841,8 +616,6 @@ class _Trainer:
             # next to a GPU the workers hand over uint8 pixels (a quarter of the bytes to move, pin and copy)
             normalize=device.type != "cuda",
         )
-        normalise = dataset.device_normaliser(device)
-        loss_fn = ClipLoss(rank=dist.rank, world_size=dist.world_size)
         wrapper: nn.Module = _DualEncoder(clip.model)
         # both towers frozen, no augmentation: encode each image and text once, then train only the heads
         self.cached = not dist.enabled and heads_only(clip.model, augment=cfg.augment, lora=cfg.lora)
@@ -861,245 +634,288 @@ class _Trainer:
 
             ids = [device.index] if device.type == "cuda" else None
             wrapper = DistributedDataParallel(wrapper, device_ids=ids)
-        forward = torch.compile(wrapper) if cfg.compile else wrapper
-        params = [p for p in clip.model.parameters() if p.requires_grad]
-
-        step, epoch, batch_in_epoch = 0, 0, 0
-        elapsed_before = 0.0
-        samples_before = 0
-        if state is not None:
-            step, epoch, batch_in_epoch = (
-                int(state["step"]),
-                int(state["epoch"]),
-                int(state["batch_in_epoch"]),
-            )
-            self.history = list(state.get("history", []))
-            self.eval_history = list(state.get("eval_history", []))
-            best = state.get("best", {})
-            self.best_value = best.get("value")
-            self.best_step = best.get("step")
-            self.bad_evals = int(best.get("bad_evals", 0))
-            self.best_metrics = dict(best.get("metrics", {}))
-            self.nan_count = int(state.get("nan_count", 0))
-            for pid, reason in state.get("failures", []):
-                self.failures.setdefault(pid, reason)
-            elapsed_before = float(state.get("elapsed_s", 0.0))
-            samples_before = int(state.get("samples_seen", 0))
-            if self.out is not None and (self.out / "best").is_dir():
-                self.best_dir = self.out / "best"
-            ckpt.restore_rng(state["rng"])
-        else:
-            torch.manual_seed(cfg.seed)
-
-        clip.model.train()
-        freeze_locked_batchnorm(clip.model)
-        t_start = time.perf_counter()
-        samples = 0
-        show = cfg.show_progress and dist.is_main
-        pbar = tqdm(
-            total=total, initial=step, desc="fine-tune", unit="step", disable=not show, dynamic_ncols=True
-        )
-        stopped = "finished"
-        # Steps whose numbers the host has not read yet: (step, epoch, lr, readings, samples, start time).
         # With fused AdamW and no gradient scaler a non-finite step is skipped on the device, so the host reads
         # the numbers only every ``read_every`` steps (and before evaluations, checkpoints and the end).
-        pending: list[tuple[int, int, float, Any, int, float]] = []
         deferred = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled()
-        read_every = (cfg.read_every_steps or 10) if deferred else 1
+        return _LoopParts(
+            n_batches=n_batches,
+            workers=workers,
+            dataset=dataset,
+            normalise=dataset.device_normaliser(device),
+            loss_fn=ClipLoss(rank=dist.rank, world_size=dist.world_size),
+            wrapper=wrapper,
+            forward=torch.compile(wrapper) if cfg.compile else wrapper,
+            params=[p for p in clip.model.parameters() if p.requires_grad],
+            deferred=deferred,
+            read_every=(cfg.read_every_steps or 10) if deferred else 1,
+            show=cfg.show_progress and dist.is_main,
+        )
 
-        def settle() -> None:
-            if not pending:
-                return
-            if deferred:  # the one host-device sync of a burst of steps
-                rows = torch.stack([p[3] for p in pending]).tolist()
-            else:
-                rows = [p[3] for p in pending]
-            now = time.perf_counter()
-            window_s = now - pending[0][5]
-            window_samples = sum(p[4] for p in pending)
-            rate = window_samples / window_s if window_s > 0 else float("nan")
-            entries = list(pending)
-            pending.clear()
-            for (at, ep, lr_used, _, _, _), values in zip(entries, rows, strict=True):
-                loss_sum, scale_now = values[0], values[1]
-                grad_norm = values[2] if len(values) > 2 else None
-                bad_loss = None if math.isfinite(loss_sum) else loss_sum
-                if bad_loss is None and grad_norm is not None and not math.isfinite(grad_norm):
-                    if self.precision != "fp16":  # fp16 overflow is the scaler's business (it skips)
-                        bad_loss = grad_norm
-                if bad_loss is not None:
-                    self.nan_count += 1
-                    if self.nan_count > cfg.max_nan_tolerance:
-                        found = ckpt.list_checkpoints(self.out) if self.out is not None else []
-                        last = found[-1] if found else None
-                        if self.out is not None and dist.is_main:
-                            self._write_run_file("diverged", at, last)
-                        raise TrainingDivergedError(at, bad_loss, last, self.nan_count)
-                    warnings.warn(
-                        f"Non-finite loss ({bad_loss}) at step {at}; step skipped "
-                        f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
-                        NonFiniteLossWarning,
-                        stacklevel=3,
-                    )
-                info = StepInfo(
-                    step=at,
-                    total_steps=total,
-                    epoch=ep,
-                    loss=loss_sum if bad_loss is None else float("nan"),
-                    lr=lr_used,
-                    logit_scale=scale_now,
-                    samples_per_s=rate,
-                    grad_norm=grad_norm,
-                    skipped=bad_loss is not None,
-                    elapsed_s=elapsed_before + now - t_start,
-                )
-                self.history.append(dataclasses.asdict(info))
-                pbar.update(1)
-                if show:
-                    pbar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
-                if dist.is_main and self.on_step is not None:
-                    self.on_step(info)
+    def _restore_state(self, state: dict[str, Any] | None) -> _Position:
+        """Where the run starts: step 0 (seeded), or the saved position, history, best and RNG states."""
+        pos = _Position()
+        if state is None:
+            torch.manual_seed(self.config.seed)
+            return pos
+        pos.step, pos.epoch, pos.batch_in_epoch = (
+            int(state["step"]),
+            int(state["epoch"]),
+            int(state["batch_in_epoch"]),
+        )
+        self.history = list(state.get("history", []))
+        self.eval_history = list(state.get("eval_history", []))
+        best = state.get("best", {})
+        self.best_value = best.get("value")
+        self.best_step = best.get("step")
+        self.bad_evals = int(best.get("bad_evals", 0))
+        self.best_metrics = dict(best.get("metrics", {}))
+        self.nan_count = int(state.get("nan_count", 0))
+        for pid, reason in state.get("failures", []):
+            self.failures.setdefault(pid, reason)
+        pos.elapsed_before = float(state.get("elapsed_s", 0.0))
+        pos.samples_before = int(state.get("samples_seen", 0))
+        if self.out is not None and (self.out / "best").is_dir():
+            self.best_dir = self.out / "best"
+        ckpt.restore_rng(state["rng"])
+        return pos
 
-        try:
-            if eval_data is not None and cfg.eval_at_start and step == 0 and not self.eval_history:
-                self._evaluate(eval_data, step, epoch)
-            if batch_in_epoch >= n_batches:
-                epoch, batch_in_epoch = epoch + 1, 0
-            sampler = RunBatchSampler(n, batch, cfg.seed, epoch, batch_in_epoch, dist.rank, dist.world_size)
-            loader = (
-                cached_batches(self.train_features, train, sampler)
-                if self.cached
-                else make_loader(
-                    dataset,
-                    sampler,
-                    num_workers=workers,
-                    pin_memory=device.type == "cuda",
-                    seed=cfg.seed,
-                    collate_fn=PairCollate(train.tokens, train.image_ids, train.text_ids),
-                )
+    def _progress_bar(self, parts: _LoopParts, pos: _Position) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total,
+            initial=pos.step,
+            desc="fine-tune",
+            unit="step",
+            disable=not parts.show,
+            dynamic_ncols=True,
+        )
+
+    def _make_batches(self, train: PreparedPosts, parts: _LoopParts, pos: _Position) -> Any:
+        """An iterator over the run's batches from the current position on (cached features or a loader)."""
+        cfg = self.config
+        if pos.batch_in_epoch >= parts.n_batches:
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        sampler = RunBatchSampler(
+            len(train),
+            self.batch,
+            cfg.seed,
+            pos.epoch,
+            pos.batch_in_epoch,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        if self.cached:
+            return iter(cached_batches(self.train_features, train, sampler))
+        loader = make_loader(
+            parts.dataset,
+            sampler,
+            num_workers=parts.workers,
+            pin_memory=self.clip.device.type == "cuda",
+            seed=cfg.seed,
+            collate_fn=PairCollate(train.tokens, train.image_ids, train.text_ids),
+        )
+        return iter(loader)
+
+    def _micro_batch(
+        self,
+        train: PreparedPosts,
+        parts: _LoopParts,
+        batch: tuple,
+        sync: contextlib.AbstractContextManager,
+        group: int,
+        scaler: torch.amp.GradScaler,
+    ) -> torch.Tensor:
+        """Forward and backward of one global batch (this rank's slice); returns its loss (detached)."""
+        cfg = self.config
+        device = self.clip.device
+        rows, pixels, valid, reasons, tokens, img_ids, txt_ids = batch
+        if any(reasons):
+            for r, why in zip(rows.tolist(), reasons, strict=True):
+                if why:
+                    self.failures.setdefault(str(train.table["post_id"][r]), why)
+        # every tensor comes pinned from the loader: these copies do not wait for the GPU
+        pixels = pixels.to(device, non_blocking=True)
+        if self.channels_last and pixels.ndim == 4:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        if pixels.dtype == torch.uint8:  # augmented images travel as bytes: normalise here
+            pixels = parts.normalise(pixels)
+        tokens = tokens.to(device, non_blocking=True)
+        with sync:
+            with _autocast(device, self.precision):
+                img_f, txt_f, scale = parts.forward(pixels, tokens)
+            loss = parts.loss_fn(
+                img_f,
+                txt_f,
+                scale,
+                valid=valid.to(device, non_blocking=True),
+                image_ids=img_ids.to(device, non_blocking=True) if cfg.mask_duplicates else None,
+                text_ids=txt_ids.to(device, non_blocking=True) if cfg.mask_duplicates else None,
             )
-            batches = iter(loader)
-            while step < total:
-                if batch_in_epoch >= n_batches:
-                    epoch += 1
-                    batch_in_epoch = 0
-                stop_now = False
-                while batch_in_epoch < n_batches and step < total:
-                    t0 = time.perf_counter()
-                    group = min(accum, n_batches - batch_in_epoch)
-                    loss_acc = torch.zeros((), device=device)
-                    for micro in range(group):
-                        rows, pixels, valid, reasons, tokens, img_ids, txt_ids = next(batches)
-                        batch_in_epoch += 1
-                        if any(reasons):
-                            for r, why in zip(rows.tolist(), reasons, strict=True):
-                                if why:
-                                    self.failures.setdefault(str(train.table["post_id"][r]), why)
-                        # every tensor comes pinned from the loader: these copies do not wait for the GPU
-                        pixels = pixels.to(device, non_blocking=True)
-                        if self.channels_last and pixels.ndim == 4:
-                            pixels = pixels.contiguous(memory_format=torch.channels_last)
-                        if pixels.dtype == torch.uint8:  # augmented images travel as bytes: normalise here
-                            pixels = normalise(pixels)
-                        tokens = tokens.to(device, non_blocking=True)
-                        sync = contextlib.nullcontext()
-                        if dist.enabled and micro < group - 1:
-                            sync = wrapper.no_sync()  # type: ignore[operator]
-                        with sync:
-                            with _autocast(device, self.precision):
-                                img_f, txt_f, scale = forward(pixels, tokens)
-                            loss = loss_fn(
-                                img_f,
-                                txt_f,
-                                scale,
-                                valid=valid.to(device, non_blocking=True),
-                                image_ids=img_ids.to(device, non_blocking=True)
-                                if cfg.mask_duplicates
-                                else None,
-                                text_ids=txt_ids.to(device, non_blocking=True)
-                                if cfg.mask_duplicates
-                                else None,
-                            )
-                            scaler.scale(loss / group).backward()
-                        loss_acc += loss.detach() / group
-                    samples += batch * group
-                    step_lr = cfg.lr_at(step, total)
-                    norm = None
-                    if cfg.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    # loss, temperature (and gradient norm) before the update, as one device tensor
-                    readings = [mean_across_ranks(loss_acc), clip.model.logit_scale.detach().float().exp()]
-                    if norm is not None:
-                        readings.append(norm.detach().float())
-                    reading = torch.stack([r.reshape(()).float().to(device) for r in readings])
-                    for g in optimizer.param_groups:
-                        g["lr"] = step_lr
-                    if deferred:
-                        # fused AdamW skips the whole update on the device when found_inf is 1 (a non-finite
-                        # loss or gradient norm), so the host need not wait for this step's numbers
-                        optimizer.found_inf = (~torch.isfinite(reading[0::2]).all()).float()
-                        optimizer.step()
-                        values: Any = reading
-                    else:
-                        # the one host-device sync of a step: the numbers decide whether to update
-                        values = reading.tolist()
-                        bad = not math.isfinite(values[0])
-                        if not bad and norm is not None and not math.isfinite(values[2]):
-                            # fp16 overflow is the scaler's business (it skips the update itself)
-                            bad = self.precision != "fp16"
-                        if not bad:
-                            scaler.step(optimizer)
-                            scaler.update()
-                    if getattr(clip.model, "logit_scale", None) is not None:
-                        with torch.no_grad():  # a skipped update left it in range already
-                            clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    pending.append((step, epoch, step_lr, values, batch * group, t0))
-                    epoch_end = batch_in_epoch >= n_batches
-                    every = cfg.eval_every_steps
-                    want_eval = eval_data is not None and (
-                        (every > 0 and step % every == 0) or (every == 0 and epoch_end) or step == total
-                    )
-                    periodic = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
-                    stop_asked = self.stop_event is not None and self.stop_event.is_set()
-                    if (
-                        step % read_every == 0
-                        or step == total
-                        or want_eval
-                        or (periodic and self.out is not None)
-                        or stop_asked
-                    ):
-                        settle()
-                    user_stop = self.stop_event is not None and self.stop_event.is_set()
-                    user_stop = broadcast_flag(user_stop, device)
-                    if user_stop and pending:
-                        settle()
-                    early = False
-                    if want_eval:
-                        early = self._evaluate(eval_data, step, epoch)  # type: ignore[arg-type]
-                    early = broadcast_flag(early, device)
+            scaler.scale(loss / group).backward()
+        return loss.detach()
 
-                    if self.out is not None and (periodic or user_stop or early or step == total):
-                        self._checkpoint(
-                            optimizer, scaler, step, epoch, batch_in_epoch, samples_before + samples, t_start
-                        )
-                    if user_stop:
-                        stopped = "user"
-                    elif early:
-                        stopped = "early_stopping"
-                    if stopped != "finished":
-                        stop_now = True
-                        break
-                if stop_now:
-                    break
-        finally:
-            pbar.close()
-            with contextlib.suppress(Exception):
-                del batches  # stops the worker processes now rather than at garbage collection
-        elapsed = time.perf_counter() - t_start
-        return self._finish(stopped, step, epoch, samples, elapsed, elapsed_before, eval_data, counts)
+    def _train_step(
+        self,
+        train: PreparedPosts,
+        parts: _LoopParts,
+        pos: _Position,
+        batches: Any,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        """One optimizer step: ``grad_accum_steps`` global batches, clipping, the update (or its skip)."""
+        cfg = self.config
+        clip = self.clip
+        device = clip.device
+        t0 = time.perf_counter()
+        group = min(cfg.grad_accum_steps, parts.n_batches - pos.batch_in_epoch)
+        loss_acc = torch.zeros((), device=device)
+        for micro in range(group):
+            batch = next(batches)
+            pos.batch_in_epoch += 1
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and micro < group - 1:
+                sync = parts.wrapper.no_sync()  # type: ignore[operator]
+            loss_acc += self._micro_batch(train, parts, batch, sync, group, scaler) / group
+        pos.samples += self.batch * group
+        step_lr = float(optimizer.param_groups[0]["lr"])  # the schedule's: cfg.lr_at(step, total)
+        norm = None
+        if cfg.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(parts.params, cfg.grad_clip)
+        # loss, temperature (and gradient norm) before the update, as one device tensor
+        readings = [mean_across_ranks(loss_acc), clip.model.logit_scale.detach().float().exp()]
+        if norm is not None:
+            readings.append(norm.detach().float())
+        reading = torch.stack([r.reshape(()).float().to(device) for r in readings])
+        if parts.deferred:
+            # fused AdamW skips the whole update on the device when found_inf is 1 (a non-finite loss or
+            # gradient norm), so the host need not wait for this step's numbers
+            optimizer.found_inf = (~torch.isfinite(reading[0::2]).all()).float()
+            optimizer.step()
+            values: Any = reading
+        else:
+            # the one host-device sync of a step: the numbers decide whether to update
+            values = reading.tolist()
+            bad = not math.isfinite(values[0])
+            if not bad and norm is not None and not math.isfinite(values[2]):
+                # fp16 overflow is the scaler's business (it skips the update itself)
+                bad = self.precision != "fp16"
+            if not bad:
+                scaler.step(optimizer)
+                scaler.update()
+        if getattr(clip.model, "logit_scale", None) is not None:
+            with torch.no_grad():  # a skipped update left it in range already
+                clip.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped first update is no misuse of the scheduler
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.scheduler.step()
+        pos.step += 1
+        pos.pending.append((pos.step, pos.epoch, step_lr, values, self.batch * group, t0))
+
+    def _after_step(
+        self,
+        parts: _LoopParts,
+        pos: _Position,
+        eval_data: PreparedPosts | None,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> bool:
+        """Logging, evaluation, checkpoint and the stop decision after a step; True when the run stops."""
+        cfg = self.config
+        device = self.clip.device
+        step, total = pos.step, self.total
+        epoch_end = pos.batch_in_epoch >= parts.n_batches
+        every = cfg.eval_every_steps
+        want_eval = eval_data is not None and (
+            (every > 0 and step % every == 0) or (every == 0 and epoch_end) or step == total
+        )
+        periodic = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
+        stop_asked = self.stop_event is not None and self.stop_event.is_set()
+        if (
+            step % parts.read_every == 0
+            or step == total
+            or want_eval
+            or (periodic and self.out is not None)
+            or stop_asked
+        ):
+            self._settle(parts, pos)
+        user_stop = self.stop_event is not None and self.stop_event.is_set()
+        user_stop = broadcast_flag(user_stop, device)
+        if user_stop and pos.pending:
+            self._settle(parts, pos)
+        early = False
+        if want_eval:
+            early = self._evaluate(eval_data, step, pos.epoch)  # type: ignore[arg-type]
+        early = broadcast_flag(early, device)
+
+        if self.out is not None and (periodic or user_stop or early or step == total):
+            self._checkpoint(
+                optimizer, scaler, step, pos.epoch, pos.batch_in_epoch, pos.samples_before + pos.samples
+            )
+        if user_stop:
+            pos.stopped = "user"
+        elif early:
+            pos.stopped = "early_stopping"
+        return pos.stopped != "finished"
+
+    def _settle(self, parts: _LoopParts, pos: _Position) -> None:
+        """Read the numbers of the steps not read yet; report them (history, progress bar, ``on_step``)."""
+        pending = pos.pending
+        if not pending:
+            return
+        cfg = self.config
+        if parts.deferred:  # the one host-device sync of a burst of steps
+            rows = torch.stack([p[3] for p in pending]).tolist()
+        else:
+            rows = [p[3] for p in pending]
+        now = time.perf_counter()
+        window_s = now - pending[0][5]
+        window_samples = sum(p[4] for p in pending)
+        rate = window_samples / window_s if window_s > 0 else float("nan")
+        entries = list(pending)
+        pending.clear()
+        for (at, ep, lr_used, _, _, _), values in zip(entries, rows, strict=True):
+            loss_sum, scale_now = values[0], values[1]
+            grad_norm = values[2] if len(values) > 2 else None
+            bad_loss = None if math.isfinite(loss_sum) else loss_sum
+            if bad_loss is None and grad_norm is not None and not math.isfinite(grad_norm):
+                if self.precision != "fp16":  # fp16 overflow is the scaler's business (it skips)
+                    bad_loss = grad_norm
+            if bad_loss is not None:
+                self.nan_count += 1
+                if self.nan_count > cfg.max_nan_tolerance:
+                    found = ckpt.list_checkpoints(self.out) if self.out is not None else []
+                    last = found[-1] if found else None
+                    if self.out is not None and self.dist.is_main:
+                        self._write_run_file("diverged", at, last)
+                    raise TrainingDivergedError(at, bad_loss, last, self.nan_count)
+                warnings.warn(
+                    f"Non-finite loss ({bad_loss}) at step {at}; step skipped "
+                    f"({self.nan_count}/{cfg.max_nan_tolerance} tolerated).",
+                    NonFiniteLossWarning,
+                    stacklevel=5,
+                )
+            info = StepInfo(
+                step=at,
+                total_steps=self.total,
+                epoch=ep,
+                loss=loss_sum if bad_loss is None else float("nan"),
+                lr=lr_used,
+                logit_scale=scale_now,
+                samples_per_s=rate,
+                grad_norm=grad_norm,
+                skipped=bad_loss is not None,
+                elapsed_s=pos.elapsed_before + now - pos.t_start,
+            )
+            self.history.append(dataclasses.asdict(info))
+            parts.pbar.update(1)
+            if parts.show:
+                parts.pbar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+            if self.dist.is_main and self.on_step is not None:
+                self.on_step(info)
 
     # ------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, data: PreparedPosts, step: int, epoch: int) -> bool:
@@ -1175,44 +991,26 @@ class _Trainer:
         return stop
 
     # ------------------------------------------------------------------------------------------- saving
+    # The files themselves are :mod:`.checkpoint`'s business; these gather the trainer's state for it.
     def _training_meta(
         self, step: int, epoch: int, metrics: dict[str, float] | None = None
     ) -> dict[str, Any]:
-        return {
-            "training": {
-                "config": self.config.to_dict(),
-                "step": step,
-                "total_steps": self.total,
-                "epoch": epoch,
-                "batch_size": self.batch,
-                "metrics": metrics
-                if metrics is not None
-                else (self.eval_history[-1] if self.eval_history else {}),
-                "data_fingerprint": self.train.fingerprint,
-                "n_train_posts": len(self.train),
-                "base_model": self.base,
-                "hardware": _hardware(self.clip.device, self.dist.world_size),
-            }
-        }
-
-    def _provenance(self) -> dict[str, Any]:
-        return {
-            "source": "ccclip_widgets.train.fine_tune",
-            "base_spec": self.base.get("spec"),
-            "base_fingerprint": self.base.get("fingerprint"),
-            "base_provenance": self.clip.provenance,
-        }
+        return ckpt.training_meta(
+            config=self.config,
+            step=step,
+            total_steps=self.total,
+            epoch=epoch,
+            batch_size=self.batch,
+            metrics=metrics if metrics is not None else (self.eval_history[-1] if self.eval_history else {}),
+            data_fingerprint=self.train.fingerprint,
+            n_train_posts=len(self.train),
+            base=self.base,
+            device=self.clip.device,
+            world_size=self.dist.world_size,
+        )
 
     def _model_writer(self, meta: dict[str, Any], adapter: dict[str, torch.Tensor] | None = None) -> Callable:
-        def write(tmp: Path) -> None:
-            if self.lora is not None:
-                state = adapter if adapter is not None else adapter_state(self.clip.model, self.lora)
-                save_adapter(tmp, state, self.lora, base=self.base, extra=meta)
-            else:
-                self.clip.invalidate_fingerprint()
-                ckpt.save_model_into(tmp, self.clip, provenance=self._provenance(), extra=meta)
-
-        return write
+        return ckpt.model_writer(self.clip, self.lora, self.base, meta, adapter)
 
     def _checkpoint(
         self,
@@ -1222,73 +1020,65 @@ class _Trainer:
         epoch: int,
         batch_in_epoch: int,
         samples_seen: int,
-        t_start: float,
     ) -> None:
         if self.dist.is_main and self.out is not None:
-            state = {
-                "format_version": 1,
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": ckpt.capture_rng(),
-                "config": self.config.to_dict(),
-                "data_fingerprint": self.train.fingerprint,
-                "base": self.base,
-                "history": self.history,
-                "eval_history": self.eval_history,
-                "best": {
+            state = ckpt.trainer_state(
+                optimizer=optimizer,
+                scheduler=self.scheduler,
+                scaler=scaler,
+                step=step,
+                epoch=epoch,
+                batch_in_epoch=batch_in_epoch,
+                config=self.config,
+                data_fingerprint=self.train.fingerprint,
+                base=self.base,
+                history=self.history,
+                eval_history=self.eval_history,
+                best={
                     "metric": self.config.early_stopping_metric,
                     "value": self.best_value,
                     "step": self.best_step,
                     "bad_evals": self.bad_evals,
                     "metrics": self.best_metrics,
                 },
-                "nan_count": self.nan_count,
-                "failures": [[k, v] for k, v in self.failures.items()],
-                "batch_size": self.batch,
-                "world_size": self.dist.world_size,
-                "samples_seen": samples_seen,
-                "elapsed_s": float(self.history[-1]["elapsed_s"]) if self.history else 0.0,
-            }
-            folder = self.out / ckpt.checkpoint_name(step)
-            ckpt.write_folder(folder, self._model_writer(self._training_meta(step, epoch)), state)
+                nan_count=self.nan_count,
+                failures=self.failures,
+                batch_size=self.batch,
+                world_size=self.dist.world_size,
+                samples_seen=samples_seen,
+            )
+            writer = self._model_writer(self._training_meta(step, epoch))
+            folder = ckpt.write_checkpoint(self.out, step, writer, state, self.config.keep_checkpoints)
             self.last_checkpoint = folder
-            ckpt.prune_checkpoints(self.out, self.config.keep_checkpoints)
             self._write_run_file("running", step, folder)
         barrier()
 
     def _write_best(self, step: int, metrics: dict[str, float]) -> None:
         assert self.out is not None
-        folder = self.out / "best"
         meta = self._training_meta(step, -1, metrics)
         meta["training"]["best"] = {"metric": self.config.early_stopping_metric, "value": self.best_value}
-        ckpt.write_folder(folder, self._model_writer(meta))
-        self.best_dir = folder
+        self.best_dir = ckpt.write_folder(self.out / "best", self._model_writer(meta))
 
     def _write_run_file(self, status: str, step: int, latest: Path | None, final: Path | None = None) -> None:
         assert self.out is not None
-        ckpt.write_run_file(
-            self.out,
-            {
-                "status": status,
-                "step": step,
-                "total_steps": getattr(self, "total", None),
-                "latest_checkpoint": latest.name if latest is not None else None,
-                "best": None
-                if self.best_value is None
-                else {
-                    "dir": "best",
-                    "metric": self.config.early_stopping_metric,
-                    "value": self.best_value,
-                    "step": self.best_step,
-                },
-                "final": final.name if final is not None else None,
-                "data_fingerprint": self.train.fingerprint,
-                "config": self.config.to_dict(),
-            },
+        best = None
+        if self.best_value is not None:
+            best = {
+                "metric": self.config.early_stopping_metric,
+                "value": self.best_value,
+                "step": self.best_step,
+            }
+        info = ckpt.run_info(
+            status=status,
+            step=step,
+            total_steps=getattr(self, "total", None),
+            latest=latest,
+            best=best,
+            final=final,
+            data_fingerprint=self.train.fingerprint,
+            config=self.config,
         )
+        ckpt.write_run_file(self.out, info)
 
     # ------------------------------------------------------------------------------------------- the end
     def _finish(
@@ -1338,7 +1128,7 @@ class _Trainer:
 
                 def write_final(tmp: Path) -> None:
                     clip.invalidate_fingerprint()
-                    ckpt.save_model_into(tmp, clip, provenance=self._provenance(), extra=meta)
+                    ckpt.save_model_into(tmp, clip, provenance=ckpt.provenance(clip, self.base), extra=meta)
                     if lora is not None and adapter is not None:
                         (tmp / "adapter").mkdir()
                         save_adapter(tmp / "adapter", adapter, lora, base=self.base, extra=meta)
