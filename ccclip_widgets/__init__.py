@@ -15,6 +15,7 @@ _EXPORTS = {
     "load_model": "models",
     "save_checkpoint": "models",
     "register_model_config": "models",
+    "default_cache_dir": "_io",
     "register_model_spec": "model_registry",
     "ClipModel": "models",
     "e5_model_dir": "e5",

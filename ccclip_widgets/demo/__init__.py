@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_demo_data", "demo_posts_path", "load_demo_posts"]
+from .tutorial import tutorial_data
+
+__all__ = ["build_demo_data", "demo_posts_path", "load_demo_posts", "tutorial_data"]
 
 
 def demo_posts_path() -> Path:
