@@ -43,6 +43,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ViewDisplay",
     "INSTALL_HINT",
     "INTERNAL_COLUMNS",
     "ThumbnailCache",
@@ -373,3 +374,25 @@ def register_callback(callbacks: list[Any], callback: Any, remove: bool) -> None
             callbacks.remove(callback)
     elif callback not in callbacks:
         callbacks.append(callback)
+
+
+class ViewDisplay:
+    """What every state-plus-view widget shares: ``.widget`` from its lazily built ``.view``, ``show()`` and
+    Jupyter's rich display. The class that mixes it in provides the ``view`` property."""
+
+    view: Any
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets box (built on first access)."""
+        return self.view.widget
+
+    def show(self) -> Any:
+        """Display the widget (in Jupyter) and return it."""
+        from IPython.display import display
+
+        display(self.widget)
+        return self.widget
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import TrainingInterruptedError
-from ._common import register_callback
+from ._common import ViewDisplay, register_callback
 from ._finetune_run import (
     Job,
     duration,
@@ -78,7 +78,7 @@ def _default_config() -> FineTuneConfig:
     return FineTuneConfig(show_progress=False)
 
 
-class FineTune:
+class FineTune(ViewDisplay):
     """A notebook panel that fine-tunes a CLIP model on posts and shows the run live.
 
     Parameters
@@ -692,11 +692,6 @@ class FineTune:
         return self._view
 
     @property
-    def widget(self) -> Any:
-        """The ipywidgets box (built on first access)."""
-        return self.view.widget
-
-    @property
     def loss_figure(self) -> Any:
         """The live loss chart (a plotly ``FigureWidget``)."""
         return self.view.loss_figure
@@ -705,16 +700,6 @@ class FineTune:
     def metrics_figure(self) -> Any:
         """The live Recall@k chart (a plotly ``FigureWidget`` with a legend)."""
         return self.view.metrics_figure
-
-    def show(self) -> Any:
-        """Display the widget (in Jupyter) and return it."""
-        from IPython.display import display
-
-        display(self.widget)
-        return self.widget
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
 
     def __repr__(self) -> str:
         return (

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from ._common import register_callback
+from ._common import ViewDisplay, register_callback
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..embed import Embeddings
@@ -69,7 +69,7 @@ class _Entry:
     note: str = ""
 
 
-class Gap:
+class Gap(ViewDisplay):
     """Retrieval gap between descriptive and commentative captions, for one or several models.
 
     Parameters
@@ -548,24 +548,9 @@ class Gap:
         return self._view
 
     @property
-    def widget(self) -> Any:
-        """The ipywidgets box (built on first access)."""
-        return self.view.widget
-
-    @property
     def figure(self) -> Any:
         """The bar chart (a plotly ``FigureWidget``)."""
         return self.view.figure
-
-    def show(self) -> Any:
-        """Display the widget (in Jupyter) and return it."""
-        from IPython.display import display
-
-        display(self.widget)
-        return self.widget
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
 
     def __repr__(self) -> str:
         return (
