@@ -193,6 +193,29 @@ def record_file_checksums(folder: str | os.PathLike[str], meta_name: str) -> dic
     return sealed
 
 
+def read_sealed_json(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
+    """Read a JSON written with :func:`seal`; return it and what is wrong with it (None when it is intact).
+
+    Parameters
+    ----------
+    path
+        The JSON file.
+
+    Returns
+    -------
+    (meta, problem)
+        ``meta`` is ``{}`` when the file is missing or unreadable; ``problem`` names the file and the damage.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return {}, f"{path} is missing"
+    except (OSError, ValueError) as exc:
+        return {}, f"{path} is unreadable ({exc})"
+    return meta, check_seal(meta, path)
+
+
 def folder_checksum_problem(
     folder: str | os.PathLike[str], meta_name: str, required: Collection[str] = ()
 ) -> str | None:
@@ -215,13 +238,7 @@ def folder_checksum_problem(
     """
     root = Path(folder)
     meta_path = root / meta_name
-    try:
-        meta = json.loads(meta_path.read_text("utf-8"))
-    except FileNotFoundError:
-        return f"{meta_path} is missing"
-    except (OSError, ValueError) as exc:
-        return f"{meta_path} is unreadable ({exc})"
-    problem = check_seal(meta, meta_path)
+    meta, problem = read_sealed_json(meta_path)
     if problem is not None:
         return problem
     files = meta.get(FILES_KEY)

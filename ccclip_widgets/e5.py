@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_json, blake2b_file, check_seal, clean_stale_temps, default_cache_dir, seal
+from ._io import atomic_write_json, blake2b_file, clean_stale_temps, default_cache_dir, read_sealed_json, seal
 from ._lock import file_lock
 from .errors import E5UnavailableError, ModelLoadError
 from .models import register_pkg_resolver
@@ -382,14 +382,8 @@ def _short_hash(path: Path) -> str:
 
 def _folder_problem(folder: Path, digest: str) -> str | None:
     """Why ``folder`` is not a complete unpacked model of the .bin with ``digest`` (None when it is)."""
-    meta_path = folder / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text("utf-8"))
-    except FileNotFoundError:
-        return f"{meta_path} is missing"
-    except (OSError, ValueError) as exc:
-        return f"{meta_path} is unreadable ({exc})"
-    problem = check_seal(meta, meta_path)
+    # sizes, not checksums: hashing 480 MB on every load would cost seconds
+    meta, problem = read_sealed_json(folder / META_FILE)
     if problem is not None:
         return problem
     if meta.get("format") != FORMAT or meta.get("source_blake2b") != digest:
