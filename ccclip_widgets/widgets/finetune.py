@@ -706,10 +706,3 @@ class FineTune(ViewDisplay):
             f"FineTune(status={self._status!r}, train_posts={len(self.train_posts)}, "
             f"steps={len(self.history)}, checkpoint={self.checkpoint})"
         )
-
-
-def _default_config() -> FineTuneConfig:
-    from ..train import FineTuneConfig
-
-    # The engine's defaults, minus its console progress bar (this panel has its own).
-    return FineTuneConfig(show_progress=False)
