@@ -5,7 +5,8 @@ that imports no widget library. It holds the settings (epochs, batch size, learn
 training in a background thread, and keeps what the panel shows: status and phase, progress with an estimate of
 the time left, the loss per step, Recall@k per caption kind at every evaluation, the checkpoint, the error. Its
 view (:mod:`._finetune_view`, built on first use of :attr:`FineTune.widget`) only draws that state and forwards
-clicks; every change reaches it through one update path (:meth:`FineTune.on_change`).
+clicks; every change reaches it through one update path (:meth:`FineTune.on_change`). What runs in the
+background threads is in :mod:`._finetune_worker`; pieces holding no panel state in :mod:`._finetune_run`.
 
 Every run starts from a copy of the base model, so the base stays untouched and pressing Start twice trains
 twice from the same starting point.
@@ -25,13 +26,9 @@ goes on with the next cell.
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
-import datetime as _dt
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,15 +41,13 @@ from ._finetune_run import (
     Job,
     duration,
     eta_seconds,
-    hint,
-    live_embeddings,
     loss_points,
     recall_series,
-    step_message,
     wait_done,
     wait_done_async,
 )
-from ._finetune_settings import SETTINGS, TRAINS, FineTuneSettings, estimate_total, preparing_phase
+from ._finetune_settings import SETTINGS, TRAINS, FineTuneSettings, estimate_total
+from ._finetune_worker import FineTuneWorker
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..embed import Embeddings
@@ -78,7 +73,7 @@ def _default_config() -> FineTuneConfig:
     return FineTuneConfig(show_progress=False)
 
 
-class FineTune(ViewDisplay):
+class FineTune(FineTuneWorker, ViewDisplay):
     """A notebook panel that fine-tunes a CLIP model on posts and shows the run live.
 
     Parameters
@@ -520,160 +515,7 @@ class FineTune(ViewDisplay):
             return None
         return self._reembed(target)
 
-    # ---------------------------------------------------------------------------------------------- worker
-    def _new_run_dir(self) -> Path:
-        if self.out_dir is None:
-            from .._io import default_cache_dir
-
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-            return default_cache_dir() / "finetune" / f"run-{stamp}"
-        folder, i = self.out_dir, 2
-        while folder.exists() and any(folder.iterdir()):
-            folder, i = self.out_dir.with_name(f"{self.out_dir.name}-{i}"), i + 1
-        return folder
-
-    def _fresh_model(self) -> ClipModel:
-        from ..models import ClipModel, load_model
-
-        base = self.base_model
-        if isinstance(base, ClipModel):
-            return dataclasses.replace(
-                base, model=copy.deepcopy(base.model), provenance=copy.deepcopy(base.provenance)
-            )
-        return load_model(base, device=self.device, allow_random=self.allow_random)
-
-    def _run(self, config: FineTuneConfig, resume_from: Path | None) -> None:
-        from .. import train
-
-        try:
-            self._training = clip = self._fresh_model()
-            self._set_phase(preparing_phase(config, len(self.train_posts)))
-            result = train.fine_tune(
-                clip,
-                self.train_posts,
-                config,
-                eval_posts=self.eval_posts,
-                on_step=self._on_step,
-                on_eval=self._on_eval,
-                resume_from=resume_from,
-                out_dir=self._run_dir,
-                stop_event=self._stop_event,
-            )
-        except BaseException as exc:  # every failure must reach the panel
-            log.exception("fine-tuning failed")
-            self._fail(exc)
-            return
-        finally:
-            self._training = None
-            self._set_phase("")
-        status = "stopped" if result.stopped == "user" else "finished"
-        loss = next((h["loss"] for h in reversed(result.history) if not h.get("skipped")), float("nan"))
-        how = {"early_stopping": " (early stopping)", "user": " by Stop"}.get(result.stopped, "")
-        with self._lock:
-            self.result = result  # set before the status, so anyone who sees "stopped" finds the result
-        self._set_status(
-            status,
-            f"{status}{how}: {result.steps}/{result.total_steps} steps in {duration(result.elapsed_s)}, "
-            f"final loss {loss:.4f}",
-        )
-        self._changed("loss", "evals", "progress", "checkpoint")
-        self._fire("finished", result)
-
-    def _on_step(self, info: StepInfo) -> None:
-        with self._lock:
-            self.history.append(dataclasses.asdict(info))
-            self._total = info.total_steps
-            self._phase = ""
-            if self._status == "running":
-                self._message = step_message(info, eta_seconds(self.history, self._total))
-        self._changed("status", "progress", "loss")
-        self._fire("step", info)
-
-    def _on_eval(self, info: EvalInfo) -> None:
-        with self._lock:
-            self.eval_history.append({"step": info.step, "epoch": info.epoch, **info.metrics})
-            if info.step == 0 and self._status == "running":
-                self._set_phase(f"evaluated the base model; training {self._total} steps", notify=False)
-        self._changed("evals", "status")
-        self._fire("eval", info)
-        with self._lock:
-            live = bool(self._callbacks["live_embeddings"])
-        if live and info.vectors is not None and self.eval_posts is not None:
-            try:
-                emb = live_embeddings(
-                    self.eval_posts, info, getattr(self.base_model, "spec", str(self.base_model))
-                )
-            except Exception:  # a live preview must never stop the training
-                log.warning("could not hand the evaluation vectors to the live listeners", exc_info=True)
-                return
-            self._fire("live_embeddings", emb, info)
-
-    def _reembed(self, posts: Posts) -> Embeddings | None:
-        from ..embed import embed_posts
-        from ..models import CHECKPOINT_META, load_model
-
-        result = self.result
-        assert result is not None
-        with self._lock:
-            self._message = f"re-embedding {len(posts)} posts with the fine-tuned model ..."
-        self._changed("status")
-        try:
-            folder = self.checkpoint
-            if folder is not None and (Path(folder) / CHECKPOINT_META).is_file():
-                model = load_model(folder, device=result.model.device)
-            else:  # e.g. LoRA adapters of a stopped run: not a loadable model folder
-                model = dataclasses.replace(
-                    result.model, spec=f"{result.model.spec} fine-tuned ({result.steps} steps, in memory)"
-                )
-            emb = embed_posts(posts, model, store=self.store, show_progress=False)
-        except Exception as exc:  # shown in the panel
-            log.exception("re-embedding failed")
-            self._reembedding = False
-            self._fail(exc, keep_status=True)
-            self._changed("reembed")
-            return None
-        self.embeddings, self.tuned_model = emb, model
-        with self._lock:
-            self._message = (
-                f"re-embedded {len(emb)} posts with {model.spec} (fingerprint {model.fingerprint[:12]})"
-            )
-        self._reembedding = False
-        self._changed("status", "reembed")
-        self._fire("reembedded", emb, model)
-        return emb
-
-    # ---------------------------------------------------------------------------------------------- status
-    def _set_status(self, status: str, message: str) -> None:
-        with self._lock:
-            self._status = status
-            self._message = message
-        self._changed("status")
-
-    def _tick(self) -> None:
-        if self._phase:  # the phase's elapsed time moves once a second
-            self._changed("status")
-
-    def _set_phase(self, phase: str, notify: bool = True) -> None:
-        with self._lock:
-            self._phase = phase
-            self._phase_since = time.monotonic()
-        if notify:
-            self._changed("status")
-
-    def _fail(self, exc: BaseException, keep_status: bool = False) -> None:
-        self.error = exc
-        self.error_hint = hint(exc)
-        self.error_trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        if not keep_status:
-            self._set_status("failed", f"failed: {type(exc).__name__}")
-        self._changed("error")
-
-    def _clear_error(self) -> None:
-        self.error = None
-        self.error_hint = ""
-        self.error_trace = ""
-        self._changed("error")
-
+    # ---------------------------------------------------------------------------------------------- error panel
     @property
     def error_html(self) -> str:
         """The error panel's HTML (empty when the last run did not fail)."""
