@@ -15,13 +15,13 @@ import numpy as np
 import polars as pl
 
 from ._common import ThumbnailCache, escape, require_plotly, require_widgets, truncate
+from ._gap_metrics import DIRECTION_LABELS, KS
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .gap import Gap
 
 __all__ = ["GapView"]
 
-_KS = (1, 5, 10)
 _AXIS_NAMES = {"caption_kind": "caption kind", "lang": "language"}
 
 
@@ -279,12 +279,12 @@ class GapView:
             style=label,
         )
         w["k"] = widgets.ToggleButtons(
-            options=[f"R@{k}" for k in _KS], value=f"R@{st.k}", description="metric"
+            options=[f"R@{k}" for k in KS], value=f"R@{st.k}", description="metric"
         )
         w["k"].style.button_width = "auto"
         w["k"].style.description_width = "initial"
         w["direction"] = widgets.ToggleButtons(
-            options=[(lab, key) for key, lab in _direction_labels().items()], value=st.direction
+            options=[(lab, key) for key, lab in DIRECTION_LABELS.items()], value=st.direction
         )
         w["direction"].style.button_width = "auto"
         w["table"] = widgets.HTML()
@@ -348,12 +348,6 @@ class GapView:
         self._render_caption()
 
 
-def _direction_labels() -> dict[str, str]:
-    from .gap import DIRECTION_LABELS
-
-    return DIRECTION_LABELS
-
-
 #: Columns never offered for grouping (plumbing or per-post values).
 _NOT_GROUPS = frozenset(
     {"post_id", "image", "image_path", "image_bytes", "text", "image_key", "text_key", "row", "timestamp"}
@@ -389,8 +383,8 @@ def table_html(
     head1 += f"<th {th} rowspan=2>n</th><th {th} rowspan=2>pool</th>"
     for m in models:
         label = escape(m) + (f' <span style="color:#888">({escape(notes[m])})</span>' if m in notes else "")
-        head1 += f'<th {th} colspan={len(_KS)} data-model="{escape(m)}">{label}</th>'
-    head2 = "".join(f"<th {th}>R@{kk}</th>" for _ in models for kk in _KS)
+        head1 += f'<th {th} colspan={len(KS)} data-model="{escape(m)}">{label}</th>'
+    head2 = "".join(f"<th {th}>R@{kk}</th>" for _ in models for kk in KS)
     body = []
     for key, per_model in by_key.items():
         ref = next(iter(per_model.values()))
@@ -398,10 +392,10 @@ def table_html(
         cells += f'<td style="padding:2px 8px">{ref["n_queries"]}</td><td style="padding:2px 8px">{ref["pool_size"]}</td>'
         for m in models:
             r = per_model.get(m)
-            cells += "".join(_ci_cell(r, kk, kk == k) if r else "<td>-</td>" for kk in _KS)
+            cells += "".join(_ci_cell(r, kk, kk == k) if r else "<td>-</td>" for kk in KS)
         body.append(f"<tr>{cells}</tr>")
     caption = (
-        f"{_direction_labels().get(direction, direction)} retrieval by {', '.join(gcols) or 'all posts'}: "
+        f"{DIRECTION_LABELS.get(direction, direction)} retrieval by {', '.join(gcols) or 'all posts'}: "
         "Recall@k with 95% bootstrap intervals; n = queries, pool = candidates per group"
     )
     return (

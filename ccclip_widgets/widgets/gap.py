@@ -11,11 +11,11 @@ widgets (:mod:`._gap_view`, built on first use of :attr:`Gap.widget`) draw
 
 Every group is ranked against the same candidates, all the posts shown (``pool="all"``), so groups share one
 chance level and a small group cannot look better just because it has fewer images to choose from. Everything is
-computed with :func:`ccclip_widgets.evaluate.evaluate_retrieval` (the toolkit's one metrics engine) and
-:func:`ccclip_widgets.embed.encode_texts`; the view only draws. Connected to a
-:class:`~ccclip_widgets.widgets.finetune.FineTune` panel (:meth:`Gap.connect`), the view follows a running
-fine-tune: every evaluation during training replaces the fine-tuned model's bars, and re-embedding the posts with
-the finished model adds it for the caption box too.
+computed with :func:`ccclip_widgets.evaluate.evaluate_retrieval` (the toolkit's one metrics engine; the chart and
+table numbers are built in :mod:`._gap_metrics`) and :func:`ccclip_widgets.embed.encode_texts`; the view only
+draws. Connected to a :class:`~ccclip_widgets.widgets.finetune.FineTune` panel (:meth:`Gap.connect`), the view
+follows a running fine-tune: every evaluation during training replaces the fine-tuned model's bars, and
+re-embedding the posts with the finished model adds it for the caption box too.
 
 Example
 -------
@@ -30,13 +30,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from ._common import ViewDisplay, register_callback
+from ._gap_metrics import DIRECTION_LABELS, KS, MODEL_COLORS, GapResults, ModelEntry
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..embed import Embeddings
@@ -46,30 +46,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DIRECTION_LABELS", "MODEL_COLORS", "Gap"]
 
-#: Bar colors of the models, in the order they were added (before, after, ...).
-MODEL_COLORS: tuple[str, ...] = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756", "#72B7B2")
-#: Human labels of the evaluation directions.
-DIRECTION_LABELS: dict[str, str] = {
-    "text_to_image": "text \u2192 image",
-    "image_to_text": "image \u2192 text",
-}
-_KS = (1, 5, 10)
 
-
-@dataclass
-class _Entry:
-    """One model in the view: its vectors (aligned with ``table``), optionally the model and a version tag."""
-
-    name: str
-    image: np.ndarray
-    text: np.ndarray
-    table: pl.DataFrame
-    model: ClipModel | None
-    version: int
-    note: str = ""
-
-
-class Gap(ViewDisplay):
+class Gap(GapResults, ViewDisplay):
     """Retrieval gap between descriptive and commentative captions, for one or several models.
 
     Parameters
@@ -125,7 +103,7 @@ class Gap(ViewDisplay):
         thumb_size: int = 96,
     ) -> None:
         self._lock = threading.RLock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, ModelEntry] = {}
         self._selected: list[str] | None = None  # None: every model
         self._group_by: tuple[str, ...] = tuple(group_by)
         self._chart_by: tuple[str, ...] = tuple(chart_by)
@@ -190,7 +168,7 @@ class Gap(ViewDisplay):
                 raise ValueError(f"model {name!r}: no posts with split == {self._split!r}")
         with self._lock:
             self._version += 1
-            self._entries[name] = _Entry(name, image, text, table, model, self._version, note)
+            self._entries[name] = ModelEntry(name, image, text, table, model, self._version, note)
             if self._selected is not None and name not in self._selected:
                 self._selected.append(name)
         self._changed("models")
@@ -317,69 +295,6 @@ class Gap(ViewDisplay):
         """The retrieval direction shown in the chart and the HTML table."""
         return self._direction
 
-    @staticmethod
-    def _check_k(k: int) -> int:
-        if int(k) not in _KS:
-            raise ValueError(f"k must be one of {_KS}, got {k!r}")
-        return int(k)
-
-    @staticmethod
-    def _check_direction(direction: str) -> str:
-        if direction not in DIRECTION_LABELS:
-            raise ValueError(f"direction must be one of {tuple(DIRECTION_LABELS)}, got {direction!r}")
-        return direction
-
-    def _entry(self, name: str) -> _Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(
-                f"no model named {name!r} in this Gap view; it has {list(self._entries)}"
-            ) from None
-
-    # ------------------------------------------------------------------------------------------------ results
-    def _evaluate(self, entry: _Entry, group_by: tuple[str, ...]) -> pl.DataFrame:
-        from ..evaluate import evaluate_retrieval
-
-        gcols = tuple(c for c in group_by if c in entry.table.columns)
-        key = (entry.name, entry.version, gcols, self._pool, self._n_boot, self._seed)
-        with self._lock:
-            hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        df = evaluate_retrieval(
-            {entry.name: (entry.image, entry.text)},
-            entry.table,
-            group_by=gcols,
-            ks=_KS,
-            n_boot=self._n_boot,
-            seed=self._seed,
-            pool=self._pool,  # type: ignore[arg-type]
-        )
-        with self._lock:
-            # keep only the newest version of each model
-            for old in [k for k in self._cache if k[0] == entry.name and k[1] != entry.version]:
-                del self._cache[old]
-            self._cache[key] = df
-        return df
-
-    def _combined(self, group_by: tuple[str, ...]) -> pl.DataFrame:
-        with self._lock:
-            entries = [self._entries[n] for n in self.selected]
-        frames = [self._evaluate(e, group_by) for e in entries]
-        if not frames:
-            return pl.DataFrame(schema={"model": pl.String, "direction": pl.String})
-        return pl.concat(frames, how="diagonal_relaxed")
-
-    @property
-    def table(self) -> pl.DataFrame:
-        """The evaluation shown: :func:`~ccclip_widgets.evaluate.evaluate_retrieval` of every shown model.
-
-        One :func:`evaluate_retrieval` call per model (its vectors and posts, grouped by :attr:`group_by`, both
-        directions, R@1/5/10 with bootstrap intervals), concatenated in model order.
-        """
-        return self._combined(self.group_by)
-
     def set_chart_by(self, *columns: str) -> Gap:
         """Make the chart's bar groups from these columns, outer first (e.g. ``"caption_kind", "lang"``).
 
@@ -401,72 +316,25 @@ class Gap(ViewDisplay):
                 cols |= set(e.table.columns)
         return tuple(c for c in self._chart_by if c in cols)[:2]
 
-    @property
-    def chart_table(self) -> pl.DataFrame:
-        """The numbers behind the chart: evaluation by :attr:`chart_by`, for the shown direction.
+    @staticmethod
+    def _check_k(k: int) -> int:
+        if int(k) not in KS:
+            raise ValueError(f"k must be one of {KS}, got {k!r}")
+        return int(k)
 
-        Group values are strings (``"unlabeled"`` for missing ones); without any grouping column the one group is
-        ``caption_kind = "all posts"``.
-        """
-        by = self.chart_by
-        df = self._combined(by)
-        if df.height == 0:
-            return df
-        df = df.filter(pl.col("direction") == self._direction)
-        if not by:
-            return df.with_columns(pl.lit("all posts").alias("caption_kind"))
-        return df.with_columns(pl.col(c).cast(pl.String).fill_null("unlabeled") for c in by)
+    @staticmethod
+    def _check_direction(direction: str) -> str:
+        if direction not in DIRECTION_LABELS:
+            raise ValueError(f"direction must be one of {tuple(DIRECTION_LABELS)}, got {direction!r}")
+        return direction
 
-    def chart_spec(self) -> dict[str, Any]:
-        """What the chart shows, as plain data (the view turns it into plotly traces).
-
-        Returns
-        -------
-        dict
-            ``title``, ``y_title``, ``groups`` (the bar groups: one tuple of values of :attr:`chart_by` each, outer
-            first), ``bars`` (one per model: ``name``, ``color``, ``y``, ``lo``, ``hi``, ``n``, ``pool`` aligned with
-            ``groups``; NaN where a model has no such group) and ``chance`` (the Recall@k of a random ranking, one
-            per group; equal everywhere when every group is ranked against the same pool).
-        """
-        df = self.chart_table
-        k = self._k
-        by = self.chart_by or ("caption_kind",)
-        models = self.selected
-        rows = (
-            {(r["model"], tuple(r[c] for c in by)): r for r in df.iter_rows(named=True)} if df.height else {}
-        )
-        groups = sorted({key for _, key in rows}, key=lambda g: _group_order(g, by))
-        bars = []
-        with self._lock:
-            order = list(self._entries)
-        for m in models:
-            got = [rows.get((m, g)) for g in groups]
-            if not any(got):
-                continue
-            bars.append(
-                {
-                    "name": m,
-                    "color": MODEL_COLORS[order.index(m) % len(MODEL_COLORS)],
-                    "y": [_num(r[f"r_at_{k}"]) if r else float("nan") for r in got],
-                    "lo": [_num(r[f"r_at_{k}_lo"]) if r else float("nan") for r in got],
-                    "hi": [_num(r[f"r_at_{k}_hi"]) if r else float("nan") for r in got],
-                    "n": [int(r["n_queries"]) if r else 0 for r in got],
-                    "pool": [int(r["pool_size"]) if r else 0 for r in got],
-                }
-            )
-        pools = [next((int(rows[(m, g)]["pool_size"]) for m in models if (m, g) in rows), 0) for g in groups]
-        title = f"{DIRECTION_LABELS[self._direction]} retrieval: R@{k} with 95% CI"
-        if self._split:
-            title += f" ({self._split} posts)"
-        return {
-            "title": title,
-            "y_title": f"R@{k}",
-            "by": by,
-            "groups": groups,
-            "bars": bars,
-            "chance": [min(1.0, k / p) if p else float("nan") for p in pools],
-            "k": k,
-        }
+    def _entry(self, name: str) -> ModelEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(
+                f"no model named {name!r} in this Gap view; it has {list(self._entries)}"
+            ) from None
 
     # ------------------------------------------------------------------------------------------------ caption box
     def try_caption(self, caption: str, top_n: int | None = None) -> dict[str, pl.DataFrame]:
@@ -639,21 +507,7 @@ class Gap(ViewDisplay):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _num(x: Any) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def _group_order(group: tuple[str, ...], by: tuple[str, ...]) -> tuple[Any, ...]:
-    """Sort key of a bar group: descriptive before commentative, English first, then alphabetical."""
-    first = {"caption_kind": ("descriptive", "commentative"), "lang": ("en",)}
-    key: list[Any] = []
-    for col, value in zip(by, group, strict=True):
-        pref = first.get(col, ())
-        key += [pref.index(value) if value in pref else len(pref), value]
-    return tuple(key)
-
-
-def _top_images(entry: _Entry, query: np.ndarray, n: int) -> pl.DataFrame:
+def _top_images(entry: ModelEntry, query: np.ndarray, n: int) -> pl.DataFrame:
     """The ``n`` best unique images of ``entry`` for a unit query vector (first post of each image)."""
     scores = entry.image @ np.asarray(query, dtype=np.float32)
     keys = (
