@@ -17,7 +17,7 @@ from ._colors import MISSING, NO_COLOR, ColorSpec, category_key, column_color
 from ._common import INTERNAL_COLUMNS
 from ._explorer_build import as_float_column
 
-__all__ = ["DERIVED_COLUMNS", "KNOWN_CATEGORIES", "FiltersAndColors"]
+__all__ = ["DERIVED_COLUMNS", "KNOWN_CATEGORIES", "FiltersAndColors", "default_color"]
 
 #: Columns computed on demand (through the backend), not read from the posts table.
 DERIVED_COLUMNS: dict[str, str] = {
@@ -34,7 +34,7 @@ _MAX_FILTER_VALUES = 50
 
 class FiltersAndColors:
     """Mixin: needs ``_table``, ``_n``, ``_views``, ``_mode``, ``_k``, ``_seed``, ``_derived``, ``_neighbor_filter``,
-    ``_map_filter``, ``embeddings``, ``coords``, ``color_options`` and ``clusters`` from the state."""
+    ``_map_filter``, ``embeddings`` and ``coords`` from the state."""
 
     _table: pl.DataFrame
     _n: int
@@ -47,8 +47,6 @@ class FiltersAndColors:
     _map_filter: dict[str, Any]
     embeddings: Any
     coords: np.ndarray
-    color_options: list[str]
-    clusters: pl.DataFrame
 
     def neighbor_filter_options(self) -> list[tuple[str, dict[str, str]]]:
         """Ready-made neighbor filters for a menu: any post, each caption kind, each language, and each caption
@@ -91,6 +89,45 @@ class FiltersAndColors:
         """The values a categorical map filter offers for ``column`` (most frequent first is not needed: sorted)."""
         s = self._column(column).cast(pl.String).fill_null(MISSING)
         return sorted(s.unique().to_list(), key=category_key)
+
+    @property
+    def color_options(self) -> list[str]:
+        """Columns the map can be colored by: known columns, derived scores, then metadata."""
+        t = self._table
+        opts = [NO_COLOR] + [c for c in KNOWN_CATEGORIES if c in t.columns]
+        opts += ["cluster", "commentativeness"] + (["neighbor_change"] if len(self._views) > 1 else [])
+        for name, dtype in t.schema.items():
+            if name in INTERNAL_COLUMNS or name in opts or name in DERIVED_COLUMNS:
+                continue
+            if dtype.is_numeric() or dtype.is_temporal() or dtype in (pl.String, pl.Boolean, pl.Categorical):
+                opts.append(name)
+        return opts
+
+    @property
+    def clusters(self) -> pl.DataFrame:
+        """The map's clusters: ``cluster``, ``label`` (its characteristic words), ``size``, ``x``, ``y``."""
+        if "clusters" not in self._derived:
+            from .. import clusters
+
+            codes = self._cluster_codes()
+            words = clusters.label_clusters(
+                self._table["text"].to_list(),
+                codes,
+                langs=self._table["lang"].to_list() if "lang" in self._table.columns else None,
+            )
+            centers = clusters.cluster_centers(self.coords, codes)
+            ids = sorted(words)
+            sizes = np.bincount(codes[codes >= 0], minlength=len(ids) or 1)
+            self._derived["clusters"] = pl.DataFrame(
+                {
+                    "cluster": pl.Series(ids, dtype=pl.Int32),
+                    "label": [" \u00b7 ".join(words[c]) for c in ids],
+                    "size": pl.Series([int(sizes[c]) for c in ids], dtype=pl.Int64),
+                    "x": pl.Series([centers[c][0] for c in ids], dtype=pl.Float32),
+                    "y": pl.Series([centers[c][1] for c in ids], dtype=pl.Float32),
+                }
+            )
+        return self._derived["clusters"]
 
     # ============================================================================== masks, columns, colors
     def _column(self, name: str) -> pl.Series:
@@ -175,6 +212,14 @@ class FiltersAndColors:
                 a, b = self._views[0].index, self._views[1].index
                 self._derived[key] = neighbor_change(a, b, self._mode, self._k)
         return self._derived[key]
+
+
+def default_color(table: pl.DataFrame) -> str:
+    """The column the map is colored by at first: caption kind, else language, when it varies; else none."""
+    for name in ("caption_kind", "lang"):
+        if name in table.columns and table[name].n_unique() > 1:
+            return name
+    return NO_COLOR
 
 
 def _small_values(t: pl.DataFrame, col: str, limit: int = 12) -> list[str]:

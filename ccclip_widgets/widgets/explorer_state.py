@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 
-from ._colors import NO_COLOR, ColorSpec
-from ._common import INTERNAL_COLUMNS, register_callback
+from ._colors import ColorSpec
+from ._common import register_callback
 from ._explorer_build import LogProgress, MapData, build_maps, load_and_embed
-from ._explorer_filters import DERIVED_COLUMNS, KNOWN_CATEGORIES, FiltersAndColors
+from ._explorer_filters import DERIVED_COLUMNS, FiltersAndColors, default_color
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import Embeddings
@@ -134,7 +134,7 @@ class ExplorerState(FiltersAndColors):
         self._rank_changes: pl.DataFrame | None = None
         self._derived: dict[Any, Any] = {}
         self._callbacks: dict[str, list[Callable[..., Any]]] = {"click": [], "select": [], "change": []}
-        self._color = self._make_color(_default_color(self._table) if color == "auto" else color)
+        self._color = self._make_color(default_color(self._table) if color == "auto" else color)
         self._progress.done()
 
     # ============================================================================== construction
@@ -307,19 +307,6 @@ class ExplorerState(FiltersAndColors):
         return self._color.column
 
     @property
-    def color_options(self) -> list[str]:
-        """Columns the map can be colored by: known columns, derived scores, then metadata."""
-        t = self._table
-        opts = [NO_COLOR] + [c for c in KNOWN_CATEGORIES if c in t.columns]
-        opts += ["cluster", "commentativeness"] + (["neighbor_change"] if len(self._views) > 1 else [])
-        for name, dtype in t.schema.items():
-            if name in INTERNAL_COLUMNS or name in opts or name in DERIVED_COLUMNS:
-                continue
-            if dtype.is_numeric() or dtype.is_temporal() or dtype in (pl.String, pl.Boolean, pl.Categorical):
-                opts.append(name)
-        return opts
-
-    @property
     def neighbor_filter(self) -> dict[str, list[str]]:
         """The neighbor (and search) filter: column -> allowed values; empty when every post may be listed."""
         return {c: list(v) for c, v in self._neighbor_filter.items()}
@@ -486,32 +473,6 @@ class ExplorerState(FiltersAndColors):
         return self
 
     # ============================================================================== derived data
-    @property
-    def clusters(self) -> pl.DataFrame:
-        """The map's clusters: ``cluster``, ``label`` (its characteristic words), ``size``, ``x``, ``y``."""
-        if "clusters" not in self._derived:
-            from .. import clusters
-
-            codes = self._cluster_codes()
-            words = clusters.label_clusters(
-                self._table["text"].to_list(),
-                codes,
-                langs=self._table["lang"].to_list() if "lang" in self._table.columns else None,
-            )
-            centers = clusters.cluster_centers(self.coords, codes)
-            ids = sorted(words)
-            sizes = np.bincount(codes[codes >= 0], minlength=len(ids) or 1)
-            self._derived["clusters"] = pl.DataFrame(
-                {
-                    "cluster": pl.Series(ids, dtype=pl.Int32),
-                    "label": [" \u00b7 ".join(words[c]) for c in ids],
-                    "size": pl.Series([int(sizes[c]) for c in ids], dtype=pl.Int64),
-                    "x": pl.Series([centers[c][0] for c in ids], dtype=pl.Float32),
-                    "y": pl.Series([centers[c][1] for c in ids], dtype=pl.Float32),
-                }
-            )
-        return self._derived["clusters"]
-
     def text_shift(self, sort_by: str = "rank_gain", descending: bool = True) -> pl.DataFrame:
         """With two models: each post's own text under both (see :func:`ccclip_widgets.compare.text_shift`),
         sorted by ``sort_by``, with the text; the posts fine-tuning moved most come first."""
@@ -659,11 +620,3 @@ class ExplorerState(FiltersAndColors):
             self._table["text"].gather(frame["index"]) if frame.height else pl.Series("text", [], pl.String)
         )
         return frame.with_columns(texts.alias("text"))
-
-
-# ==================================================================================== module helpers
-def _default_color(table: pl.DataFrame) -> str:
-    for name in ("caption_kind", "lang"):
-        if name in table.columns and table[name].n_unique() > 1:
-            return name
-    return NO_COLOR
