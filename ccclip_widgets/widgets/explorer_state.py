@@ -14,7 +14,10 @@ parts changed: first the views registered with :meth:`on_change`, then the user'
 :meth:`on_select` callbacks. Setters return ``self`` so calls chain. The computing is the backend's:
 :class:`~ccclip_widgets.neighbors.NeighborIndex` (neighbors, filtered in the search), :mod:`~ccclip_widgets.
 projection` (the maps), :mod:`~ccclip_widgets.clusters` (clusters and their words), :mod:`~ccclip_widgets.compare`
-(what changed between two models) and :mod:`~ccclip_widgets.evaluate` (commentativeness).
+(what changed between two models) and :mod:`~ccclip_widgets.evaluate` (commentativeness). This module holds the
+state and its update path; filters, derived columns and colors are in :mod:`._explorer_filters`, the neighbor and
+search lists (and posts resolved to rows) in :mod:`._explorer_lists`, the building of indexes and maps in
+:mod:`._explorer_build`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ._colors import ColorSpec
 from ._common import register_callback
 from ._explorer_build import LogProgress, MapData, build_maps, load_and_embed
 from ._explorer_filters import DERIVED_COLUMNS, FiltersAndColors, default_color
+from ._explorer_lists import ListsAndRows
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import Embeddings
@@ -52,7 +56,7 @@ MODES: dict[str, str] = {
 }
 
 
-class ExplorerState(FiltersAndColors):
+class ExplorerState(ListsAndRows, FiltersAndColors):
     """State of an Explorer: current post, neighbors, filters, selection, search, colors and clusters.
 
     Parameters are those of :class:`ccclip_widgets.widgets.Explorer` that concern data rather than display:
@@ -472,29 +476,6 @@ class ExplorerState(FiltersAndColors):
         register_callback(self._callbacks["change"], callback, remove)
         return self
 
-    # ============================================================================== derived data
-    def text_shift(self, sort_by: str = "rank_gain", descending: bool = True) -> pl.DataFrame:
-        """With two models: each post's own text under both (see :func:`ccclip_widgets.compare.text_shift`),
-        sorted by ``sort_by``, with the text; the posts fine-tuning moved most come first."""
-        if len(self._views) < 2:
-            raise RuntimeError("text_shift compares two models: Explorer(embeddings, compare=...)")
-        if "text_shift" not in self._derived:
-            from ..compare import text_shift
-
-            frame = text_shift(self._views[0].index, self._views[1].index, k=self._k)
-            self._derived["text_shift"] = self._with_text(frame)
-        frame = self._derived["text_shift"]
-        if sort_by not in frame.columns:
-            raise ValueError(f"cannot sort by {sort_by!r}; columns: {frame.columns}")
-        return frame.sort(sort_by, descending=descending, nulls_last=True)
-
-    def post(self, post: int | str) -> dict[str, Any]:
-        """One post as a dict: its columns plus ``index`` (the row number)."""
-        row = self._row(post)
-        d = self._table.row(row, named=True)
-        d["index"] = row
-        return d
-
     # ============================================================================== the update path
     def _set(self, source: Any = None, **changes: Any) -> ExplorerState:
         """:meth:`_update`, returning ``self`` for the chainable setters."""
@@ -544,79 +525,3 @@ class ExplorerState(FiltersAndColors):
             for cb in list(self._callbacks["select"]):
                 cb(frame)
         return frozen
-
-    def _refresh_neighbors(self) -> None:
-        assert self._current is not None
-        allowed = self._neighbor_mask()
-        for v in self._views:
-            query = getattr(v.index, self._mode)
-            v.neighbors = self._with_text(query(self._current, self._k, allowed=allowed))
-        self._rank_changes = None
-        if len(self._views) == 2:
-            from ..compare import neighbor_rank_changes
-
-            a, b = self._views
-            ch = neighbor_rank_changes(a.index, b.index, self._current, self._mode, self._k, allowed=allowed)
-            self._rank_changes = self._with_text(ch)
-            ranks = ch.select("post_id", "rank_a", "rank_b")
-            for v, other in ((a, "rank_b"), (b, "rank_a")):
-                assert v.neighbors is not None
-                v.neighbors = v.neighbors.join(
-                    ranks.select("post_id", pl.col(other).alias("rank_other")),
-                    on="post_id",
-                    how="left",
-                    maintain_order="left",
-                )
-            ida, idb = a.neighbors["post_id"], b.neighbors["post_id"]
-            a.neighbors = a.neighbors.with_columns(changed=~ida.is_in(idb.implode()))
-            b.neighbors = b.neighbors.with_columns(changed=~idb.is_in(ida.implode()))
-
-    def _refresh_search(self) -> None:
-        if self._query is None:
-            for v in self._views:
-                v.search = None
-            return
-        from ..embed import encode_texts
-
-        allowed = self._neighbor_mask()
-        for v in self._views:
-            if v.model is None:
-                v.search = None
-                continue
-            vec = encode_texts(v.model, [self._query])[0]
-            hits = v.index.query_vector(vec, target="image", k=self._k, source="text", allowed=allowed)
-            v.search = self._with_text(hits)
-
-    # ============================================================================== rows
-    def _row(self, post: int | str) -> int:
-        if isinstance(post, str):
-            return self._views[0].index.row(post)
-        if isinstance(post, (bool, np.bool_)) or not isinstance(post, (int, np.integer)):
-            raise TypeError(f"expected a row number or a post_id, got {type(post).__name__}")
-        return self._views[0].index.row(int(post))
-
-    def _rows(self, posts: Iterable[int | str] | np.ndarray | None) -> np.ndarray:
-        if posts is None:
-            return np.zeros(0, np.int64)
-        if isinstance(posts, (str, int, np.integer)):
-            posts = [posts]  # type: ignore[list-item]
-        if isinstance(posts, pl.Series):
-            posts = posts.to_numpy()
-        arr = posts if isinstance(posts, np.ndarray) else np.asarray(list(posts), dtype=object)
-        if arr.size == 0:
-            return np.zeros(0, np.int64)
-        if arr.dtype.kind in "iu":
-            rows = arr.astype(np.int64, copy=False).reshape(-1)
-            bad = (rows < -self._n) | (rows >= self._n)
-            if bad.any():
-                raise IndexError(f"row {int(rows[bad][0])} out of range for {self._n} posts")
-            rows = rows % self._n
-        else:
-            rows = np.fromiter((self._row(p) for p in arr.reshape(-1).tolist()), np.int64, count=arr.size)
-        return np.unique(rows)
-
-    def _with_text(self, frame: pl.DataFrame) -> pl.DataFrame:
-        texts = (
-            self._table["text"].gather(frame["index"]) if frame.height else pl.Series("text", [], pl.String)
-        )
-        return frame.with_columns(texts.alias("text"))
