@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -26,14 +25,12 @@ import torch
 from ..errors import TrainingDivergedError, TrainingWarning
 from ..models import ClipModel
 from . import checkpoint as ckpt
-from .cached import tower_features
 from .config import FineTuneConfig
-from .data import PreparedPosts, default_train_workers, prepare_posts
+from .data import PreparedPosts, prepare_posts
 from .distributed import barrier, broadcast_flag
-from .evaluation import _resolve_precision, evaluate_in_memory
+from .evaluation import _Evaluating, _resolve_precision, evaluate_in_memory
 from .freeze import freeze_locked_batchnorm
 from .lora import LoraHandle, adapter_state, load_adapter, save_adapter
-from .metrics import metrics_frame
 from .results import (
     _SKIP_SCHEMA,
     EvalInfo,
@@ -157,7 +154,7 @@ def fine_tune(
     return trainer.run(train_posts, eval_posts, resume_from, out_dir)
 
 
-class _Trainer(_RunSetup, _Stepping):
+class _Trainer(_RunSetup, _Stepping, _Evaluating):
     """State of one fine-tuning run (kept out of the public API)."""
 
     def __init__(
@@ -186,8 +183,6 @@ class _Trainer(_RunSetup, _Stepping):
         self.last_checkpoint: Path | None = None
         self.best_dir: Path | None = None
         self.out: Path | None = None
-
-    # ------------------------------------------------------------------------------------------- set-up
 
     # ------------------------------------------------------------------------------------------- run
     def run(
@@ -402,79 +397,6 @@ class _Trainer(_RunSetup, _Stepping):
         elif early:
             pos.stopped = "early_stopping"
         return pos.stopped != "finished"
-
-    # ------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, data: PreparedPosts, step: int, epoch: int) -> bool:
-        """Evaluate on rank 0; returns True when early stopping says stop (only meaningful on rank 0)."""
-        if not self.dist.is_main:
-            return False
-        cfg = self.config
-        workers = (
-            cfg.num_workers
-            if cfg.num_workers is not None
-            else default_train_workers(self.clip.device, len(data))
-        )
-        features = None
-        if getattr(self, "cached", False):
-            if getattr(self, "eval_features", None) is None:
-                self.eval_features = tower_features(
-                    self.clip,
-                    data,
-                    batch_size=cfg.eval_batch_size,
-                    num_workers=workers,
-                    precision=self.precision,
-                    show_progress=cfg.show_progress,
-                )
-            features = self.eval_features
-        scored: list[EvalVectors] = []
-        metrics, n_failed = evaluate_in_memory(
-            self.clip,
-            data,
-            batch_size=cfg.eval_batch_size,
-            num_workers=workers,
-            precision=self.precision,
-            features=features,
-            vectors_out=scored if self.on_eval is not None else None,
-        )
-        if n_failed:
-            metrics["n_eval_images_failed"] = float(n_failed)
-        is_best = False
-        stop = False
-        name = cfg.early_stopping_metric
-        if name is not None:
-            if name not in metrics:
-                known = sorted(k for k in metrics if k.startswith(name.split("/")[0]))
-                raise ValueError(
-                    f"early_stopping_metric {name!r} is not among the evaluation metrics; available: {known[:40]}"
-                )
-            value = metrics[name]
-            better = self.best_value is None or (
-                value > self.best_value if cfg.early_stopping_direction == "max" else value < self.best_value
-            )
-            if better and math.isfinite(value):
-                self.best_value, self.best_step, self.bad_evals = value, step, 0
-                self.best_metrics = dict(metrics)
-                is_best = True
-                self.best_state = self._trainable_state()
-                if self.out is not None:
-                    self._write_best(step, metrics)
-            elif step > 0:
-                self.bad_evals += 1
-                stop = self.bad_evals >= cfg.early_stopping_patience
-        self.eval_history.append({"step": step, "epoch": epoch, **metrics})
-        if self.on_eval is not None:
-            self.on_eval(
-                EvalInfo(
-                    step,
-                    epoch,
-                    metrics,
-                    metrics_frame(metrics),
-                    is_best=is_best,
-                    best_value=self.best_value,
-                    vectors=scored[0] if scored else None,
-                )
-            )
-        return stop
 
     # ------------------------------------------------------------------------------------------- saving
     # The files themselves are :mod:`.checkpoint`'s business; these gather the trainer's state for it.
