@@ -561,7 +561,8 @@ def bench_decode_in_memory(
     """
     import torch
 
-    from ccclip_widgets.gpu_decode import _torchvision_io, decode_and_preprocess
+    from ccclip_widgets.decode_device import _torchvision_io
+    from ccclip_widgets.gpu_decode import decode_and_preprocess
 
     device = model.device
     tvio = _torchvision_io()

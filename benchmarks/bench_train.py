@@ -288,8 +288,10 @@ def bench_step_only(
     import torch
 
     from ccclip_widgets.train import ClipLoss, FineTuneConfig
+    from ccclip_widgets.train.evaluation import _autocast
     from ccclip_widgets.train.freeze import apply_trainable
-    from ccclip_widgets.train.loop import MAX_LOGIT_SCALE, _autocast, _DualEncoder, _no_decay
+    from ccclip_widgets.train.run_setup import _no_decay
+    from ccclip_widgets.train.step import MAX_LOGIT_SCALE, _DualEncoder
 
     device = clip.device
     model = clip.model

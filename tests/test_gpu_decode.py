@@ -15,6 +15,7 @@ import torch
 from ccclip_testkit import make_shape_posts
 from PIL import Image, ImageOps
 
+import ccclip_widgets.decode_device as dd
 import ccclip_widgets.gpu_decode as gd
 from ccclip_widgets.embed import _ImageDataset, embed_posts, encode_images
 from ccclip_widgets.images import ImageDecodeError, load_image
@@ -152,7 +153,7 @@ def test_decompression_bomb_is_refused_from_the_header():
 def test_batch_failure_is_isolated_image_by_image(monkeypatch, pre224):
     good = [_jpeg(_photo(400, 300, seed=s)) for s in range(3)]
     refused, broken = good[1], good[2]  # the device decoder refuses both; PIL rescues one, not the other
-    real_decode, real_load = gd._decode_list, gd.load_image
+    real_decode, real_load = dd._decode_list, dd.load_image
     calls: list[int] = []
 
     def picky_decode(tensors, device, exif):
@@ -166,8 +167,8 @@ def test_batch_failure_is_isolated_image_by_image(monkeypatch, pre224):
             raise ImageDecodeError("<bytes>", "corrupt", "cannot decode the pixels")
         return real_load(source, **kw)
 
-    monkeypatch.setattr(gd, "_decode_list", picky_decode)
-    monkeypatch.setattr(gd, "load_image", picky_load)
+    monkeypatch.setattr(dd, "_decode_list", picky_decode)
+    monkeypatch.setattr(dd, "load_image", picky_load)
     px, err = gd.decode_and_preprocess([_t(d) for d in good], "cpu", CFG_224, 224)
     assert calls == [3, 1, 1, 1]  # the batch, then one by one
     assert err[0] == err[1] == "" and err[2].startswith("corrupt: ")
@@ -196,9 +197,9 @@ def test_orient_matches_pil_exif_transpose(orientation):
 @pytest.mark.parametrize("native", [True, False])
 def test_exif_rotated_jpeg_is_upright_like_pil(native, monkeypatch, pre224):
     if not native:  # the CUDA path: orientation read from the header, applied to the decoded tensor
-        monkeypatch.setattr(gd, "_native_exif", lambda device_type: False)
+        monkeypatch.setattr(dd, "_native_exif", lambda device_type: False)
     else:
-        assert gd._native_exif("cpu")
+        assert dd._native_exif("cpu")
     img = _photo(400, 240)
     datas = [_jpeg(img, exif=_exif_bytes(o)) for o in range(1, 9)]
     assert [gd.exif_orientation(d) for d in datas] == list(range(1, 9))

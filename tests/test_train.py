@@ -418,12 +418,12 @@ def test_undecodable_images_are_skipped_and_reported(tiny_model, shape_posts):
 
 
 def test_out_of_memory_is_reraised_with_hints(tiny_model, shape_posts, monkeypatch):
-    from ccclip_widgets.train import loop
+    from ccclip_widgets.train import step
 
     def boom(self, images, texts):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loop._DualEncoder, "forward", boom)
+    monkeypatch.setattr(step._DualEncoder, "forward", boom)
     with pytest.raises(TrainingOutOfMemoryError, match="smaller batch_size") as info:
         fine_tune(tiny_model, shape_posts, _cfg(max_steps=1, batch_size=8))
     assert "grad_checkpointing=True" in str(info.value) and "grad_accum_steps" in str(info.value)

@@ -105,7 +105,7 @@ def test_cached_path_matches_full_path(heads_model, posts, monkeypatch):
     a, b = _no_dropout(copy.deepcopy(heads_model)), _no_dropout(copy.deepcopy(heads_model))
     fast = fine_tune(a, posts, _config())
     assert fast.trainable_params["total"] > 0
-    monkeypatch.setattr("ccclip_widgets.train.loop.heads_only", lambda *args, **kw: False)
+    monkeypatch.setattr("ccclip_widgets.train.step.heads_only", lambda *args, **kw: False)
     slow = fine_tune(b, posts, _config())
     la = [h["loss"] for h in fast.history]
     lb = [h["loss"] for h in slow.history]

@@ -1,22 +1,25 @@
-"""Evaluation during fine-tuning: :func:`evaluate_in_memory` (and the autocast/precision helpers the loop shares)."""
+"""Evaluation during fine-tuning: :func:`evaluate_in_memory` and the trainer's evaluation step.
+
+The step (:class:`_Evaluating`, mixed into :class:`~.loop._Trainer`) scores the held-out posts on rank 0, keeps
+the best weights, decides early stopping and calls ``on_eval``; the autocast/precision helpers here are shared
+with the loop.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..models import ClipModel
-from .data import (
-    PairDataset,
-    PreparedPosts,
-    make_loader,
-)
+from .cached import tower_features
+from .data import PairDataset, PreparedPosts, default_train_workers, make_loader
 from .freeze import freeze_locked_batchnorm
-from .metrics import post_groups, retrieval_metrics
-from .results import EvalVectors
+from .metrics import metrics_frame, post_groups, retrieval_metrics
+from .results import EvalInfo, EvalVectors
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -147,3 +150,79 @@ def _encode_eval(
         if was_training:
             freeze_locked_batchnorm(model)
     return img_feats, txt_feats, ok
+
+
+class _Evaluating:
+    """How :class:`~.loop._Trainer` evaluates during a run (a mixin: it works on the trainer's state)."""
+
+    def _evaluate(self, data: PreparedPosts, step: int, epoch: int) -> bool:
+        """Evaluate on rank 0; returns True when early stopping says stop (only meaningful on rank 0)."""
+        if not self.dist.is_main:
+            return False
+        cfg = self.config
+        workers = (
+            cfg.num_workers
+            if cfg.num_workers is not None
+            else default_train_workers(self.clip.device, len(data))
+        )
+        features = None
+        if getattr(self, "cached", False):
+            if getattr(self, "eval_features", None) is None:
+                self.eval_features = tower_features(
+                    self.clip,
+                    data,
+                    batch_size=cfg.eval_batch_size,
+                    num_workers=workers,
+                    precision=self.precision,
+                    show_progress=cfg.show_progress,
+                )
+            features = self.eval_features
+        scored: list[EvalVectors] = []
+        metrics, n_failed = evaluate_in_memory(
+            self.clip,
+            data,
+            batch_size=cfg.eval_batch_size,
+            num_workers=workers,
+            precision=self.precision,
+            features=features,
+            vectors_out=scored if self.on_eval is not None else None,
+        )
+        if n_failed:
+            metrics["n_eval_images_failed"] = float(n_failed)
+        is_best = False
+        stop = False
+        name = cfg.early_stopping_metric
+        if name is not None:
+            if name not in metrics:
+                known = sorted(k for k in metrics if k.startswith(name.split("/")[0]))
+                raise ValueError(
+                    f"early_stopping_metric {name!r} is not among the evaluation metrics; available: {known[:40]}"
+                )
+            value = metrics[name]
+            better = self.best_value is None or (
+                value > self.best_value if cfg.early_stopping_direction == "max" else value < self.best_value
+            )
+            if better and math.isfinite(value):
+                self.best_value, self.best_step, self.bad_evals = value, step, 0
+                self.best_metrics = dict(metrics)
+                is_best = True
+                self.best_state = self._trainable_state()
+                if self.out is not None:
+                    self._write_best(step, metrics)
+            elif step > 0:
+                self.bad_evals += 1
+                stop = self.bad_evals >= cfg.early_stopping_patience
+        self.eval_history.append({"step": step, "epoch": epoch, **metrics})
+        if self.on_eval is not None:
+            self.on_eval(
+                EvalInfo(
+                    step,
+                    epoch,
+                    metrics,
+                    metrics_frame(metrics),
+                    is_best=is_best,
+                    best_value=self.best_value,
+                    vectors=scored[0] if scored else None,
+                )
+            )
+        return stop
