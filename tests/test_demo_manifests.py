@@ -13,7 +13,7 @@ import pytest
 
 from ccclip_widgets.demo import load_demo_posts
 from ccclip_widgets.demo.cli import demo_train_posts
-from ccclip_widgets.demo.data import _title_key
+from ccclip_widgets.demo.data.text import _title_key
 from ccclip_widgets.demo.standin import demo_validation_ids, read_reserved_images
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Offline demo: the openclipart data set (built by ``tools/build_demo_data.py``) and the demo model.
+"""Offline demo: the openclipart data set (built by the package ``tools/demo_data``) and the demo model.
 
 Kept import-light: nothing heavy is imported until a builder or loader is called.
 """

@@ -29,26 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from .._io import repo_data_dir
-from .data import (
+from .data.captions import _post, _posts_frame, _read_worklist, _write_pool, default_standin_dir
+from .data.images import MAX_PIXELS, _analyze_all, _links_external_bitmap
+from .data.openclipart import (
     DEFAULT_PNG_ROOT,
     DEFAULT_SVG_ROOT,
-    MAX_PIXELS,
-    _analyze_all,
     _Candidate,
-    _keep_distinct,
-    _links_external_bitmap,
-    _near_duplicate_groups,
-    _order_key,
-    _post,
-    _posts_frame,
-    _prepare_text,
-    _read_worklist,
-    _title_key,
-    _write_pool,
-    default_standin_dir,
     ensure_openclipart,
     scan_openclipart,
 )
+from .data.selection import _keep_distinct, _near_duplicate_groups, _order_key
+from .data.text import _prepare_text, _title_key
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +209,7 @@ def build_standin_pool(
     dict
         Counts: ``standin_images``, ``heldout_images``, ``excluded`` (per reason), ``dropped`` (per reason).
     """
-    from .data import CAPTIONS_DIR
+    from .data.captions import CAPTIONS_DIR
 
     standin_dir = Path(standin_dir) if standin_dir is not None else default_standin_dir()
     worklist = _read_worklist(Path(worklist_path) if worklist_path else CAPTIONS_DIR / "worklist.csv")
