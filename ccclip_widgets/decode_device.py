@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode_host import _ORIENTATION_TAG, _error_text, screen_jpeg
-from .images import load_image
+from .images import OPENAI_MEAN, OPENAI_STD, load_image
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ __all__ = [
     "use_device_decode",
 ]
 
-_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _FLOAT_CHUNK = 1 << 26  # at most this many float elements are resized at once (256 MiB)
 
 _deprecation_filter_installed = False
@@ -189,8 +187,8 @@ class _Preprocess:
             raise ValueError(f"unsupported resize_mode {mode!r}")
         interp = cfg.get("interpolation") or "bicubic"
         interp = "bilinear" if interp == "bilinear" else "bicubic"  # open_clip: anything else means bicubic
-        mean = _triple(cfg.get("mean") or _OPENAI_MEAN)
-        std = _triple(cfg.get("std") or _OPENAI_STD)
+        mean = _triple(cfg.get("mean") or OPENAI_MEAN)
+        std = _triple(cfg.get("std") or OPENAI_STD)
         fill = float(cfg.get("fill_color", 0) or 0) if mode == "longest" else 0.0
         return cls(height, width, mode, interp, fill, mean, std)
 

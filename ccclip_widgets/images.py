@@ -33,6 +33,8 @@ from .errors import ImageDecodeError
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_ASPECT",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "ImageDecodeError",
@@ -47,6 +49,9 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 50 * 2**20
 DEFAULT_MAX_ASPECT = 8.0
+#: Normalisation of the OpenAI CLIP models (open_clip's default when a model's config names none).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: Formats that are ever handed to a PIL decoder. Formats with risky decoders (EPS runs Ghostscript) or that
 #: never occur as post images are left out on purpose. Formats whose plugin is not installed (HEIF needs

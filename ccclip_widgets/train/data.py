@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..images import ImageDecodeError, load_image
+from ..images import OPENAI_MEAN, OPENAI_STD, ImageDecodeError, load_image
 
 __all__ = [
     "EpochBatchSampler",
@@ -37,8 +37,6 @@ __all__ = [
     "prepare_posts",
 ]
 
-_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _REQUIRED = ("post_id", "text", "image_key", "text_key", "image_path", "image_bytes")
 
 
@@ -174,8 +172,8 @@ def prepare_posts(posts: Any, clip: Any, *, role: str = "training") -> PreparedP
 
 # --------------------------------------------------------------------------------------------------- dataset
 def _norm_stats(preprocess_cfg: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean = tuple(preprocess_cfg.get("mean") or _OPENAI_MEAN)
-    std = tuple(preprocess_cfg.get("std") or _OPENAI_STD)
+    mean = tuple(preprocess_cfg.get("mean") or OPENAI_MEAN)
+    std = tuple(preprocess_cfg.get("std") or OPENAI_STD)
     return mean, std
 
 
