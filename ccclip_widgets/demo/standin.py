@@ -24,13 +24,12 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, defaultdict
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .._io import repo_data_dir
 from .data.captions import _post, _posts_frame, _read_worklist, _write_pool, default_standin_dir
-from .data.images import MAX_PIXELS, _analyze_all, _links_external_bitmap
+from .data.images import MAX_PIXELS, _decoded_candidates, _links_external_bitmap
 from .data.openclipart import (
     DEFAULT_PNG_ROOT,
     DEFAULT_SVG_ROOT,
@@ -231,27 +230,7 @@ def build_standin_pool(
     dropped["external_bitmap_link"] += len(linked)
     cands = [c for c in cands if c.record.image_id not in linked]
     log.info("stand-in pool: decoding %d PNGs with %d workers", len(cands), workers)
-    results = _analyze_all([str(c.record.png_path) for c in cands], max_pixels, workers)
-    images: list[_Candidate] = []
-    seen: set[str] = set()
-    for c, res in zip(cands, results, strict=True):
-        if res["reason"]:
-            dropped[res["reason"]] += 1
-        elif res["pixel_hash"] in seen:
-            dropped["exact_duplicate"] += 1
-        else:
-            seen.add(res["pixel_hash"])
-            images.append(
-                replace(
-                    c,
-                    thumb=res["thumb"],
-                    dhash=res["dhash"],
-                    gray=res["gray"],
-                    pixel_hash=res["pixel_hash"],
-                    width=res["width"],
-                    height=res["height"],
-                )
-            )
+    images: list[_Candidate] = _decoded_candidates(cands, max_pixels, workers, dropped)
     titles = {c.record.image_id: c.title for c in images}
     validation = demo_validation_ids(worklist, titles) if exclude_validation else set()
     roots = _near_duplicate_groups(images)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from .captions import (
     default_standin_dir,
     read_commentative_captions,
 )
-from .images import MAX_PIXELS, _analyze_all, _links_external_bitmap
+from .images import MAX_PIXELS, _decoded_candidates, _links_external_bitmap
 from .openclipart import DEFAULT_PNG_ROOT, DEFAULT_SVG_ROOT, _Candidate, ensure_openclipart, scan_openclipart
 from .selection import _prune_groups, _select_demo
 from .text import _prepare_text
@@ -121,28 +120,7 @@ def build_demo_data(
     dropped["external_bitmap_link"] += len(linked)
     linked_ids = {c.record.image_id for c in linked}
     cands = [c for c in cands if c.record.image_id not in linked_ids]
-    results = _analyze_all([str(c.record.png_path) for c in cands], max_pixels, workers)
-    images: list[_Candidate] = []
-    seen_pixels: set[str] = set()
-    for c, res in zip(cands, results, strict=True):
-        if res["reason"]:
-            dropped[res["reason"]] += 1
-            continue
-        if res["pixel_hash"] in seen_pixels:
-            dropped["exact_duplicate"] += 1
-            continue
-        seen_pixels.add(res["pixel_hash"])
-        images.append(
-            replace(
-                c,
-                width=res["width"],
-                height=res["height"],
-                thumb=res["thumb"],
-                dhash=res["dhash"],
-                gray=res["gray"],
-                pixel_hash=res["pixel_hash"],
-            )
-        )
+    images: list[_Candidate] = _decoded_candidates(cands, max_pixels, workers, dropped)
 
     groups = _prune_groups(images)
     by_id = {c.record.image_id: c for c in images}

@@ -12,8 +12,10 @@ import io
 import math
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,33 @@ def _analyze_all(paths: Sequence[str], max_pixels: int, workers: int) -> list[di
         return [_analyze_png(p, max_pixels) for p in paths]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_analyze_png, paths, [max_pixels] * len(paths), chunksize=16))
+
+
+def _decoded_candidates(cands: Sequence[Any], max_pixels: int, workers: int, dropped: Counter) -> list[Any]:
+    """Decode the candidates' PNGs; keep those that decode and are not pixel-identical to an earlier one.
+
+    Each dropped candidate counts under its reason in ``dropped`` (``exact_duplicate`` for repeated pixels); the
+    kept ones come back with their size, thumbnail and fingerprints filled in.
+    """
+    results = _analyze_all([str(c.record.png_path) for c in cands], max_pixels, workers)
+    kept: list[Any] = []
+    seen: set[str] = set()
+    for c, res in zip(cands, results, strict=True):
+        if res["reason"]:
+            dropped[res["reason"]] += 1
+        elif res["pixel_hash"] in seen:
+            dropped["exact_duplicate"] += 1
+        else:
+            seen.add(res["pixel_hash"])
+            kept.append(
+                replace(
+                    c,
+                    width=res["width"],
+                    height=res["height"],
+                    thumb=res["thumb"],
+                    dhash=res["dhash"],
+                    gray=res["gray"],
+                    pixel_hash=res["pixel_hash"],
+                )
+            )
+    return kept
