@@ -367,3 +367,38 @@ def test_cli(tree: Tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     meta = json.loads((model_dir / "ccclip.json").read_text())
     assert meta["partial"] and meta["provenance"]["command"].endswith("build-model")
     assert load_model(model_dir, device="cpu").embed_dim == 256
+
+
+def test_standin_pool_leaves_out_demo_test_and_reserved_images(
+    tree: Tree, built: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from ccclip_widgets.demo.standin import build_standin_pool
+
+    root, _ = built
+    worklist = pl.read_csv(root / "captions" / "worklist.csv")
+    test_ids = set(worklist.filter(pl.col("split") == "test")["image_id"])
+    assert test_ids
+    reserved = tmp_path / "reserved.txt"
+    reserved.write_text("# kept for evaluation\nfood/hammer_test_artist_01.png\n", encoding="utf-8")
+    summary = build_standin_pool(
+        tmp_path / "standin",
+        worklist_path=root / "captions" / "worklist.csv",
+        reserved_path=reserved,
+        png_root=tree.png,
+        svg_root=tree.svg,
+        workers=1,
+        install_missing=False,
+        exclude_validation=False,
+    )
+    posts = pl.read_parquet(tmp_path / "standin" / "posts.parquet")
+    ids = set(posts["image_id"])
+    assert not ids & test_ids  # no demo test image (nor its look-alikes)
+    assert not posts.filter(pl.col("text").str.contains("Hammer")).height  # the reserved image
+    assert summary["excluded"]["reserved_group"] >= 1
+    assert summary["excluded"]["demo_test_or_validation_group"] >= len(test_ids)
+    # the decode step counts what it drops: the bomb, the blank page and the pixel-identical copy
+    assert summary["dropped"]["decompression_bomb"] == 1
+    assert summary["dropped"]["blank_image"] == 1
+    assert summary["dropped"]["exact_duplicate"] == 1
+    assert summary["standin_images"] == len(ids) == posts.height
+    assert summary["train_images"] + summary["heldout_images"] == summary["standin_images"]
