@@ -42,7 +42,6 @@ markdown table is printed. Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -52,18 +51,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):  # ccclip_widgets from this checkout; the sibling modules below
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from _bench_common import GpuSampler, usable_cores  # noqa: E402 - after the sys.path set-up above
 
 RESULTS = REPO / "benchmarks" / "results"
 WORDS = (
@@ -73,90 +74,6 @@ WORDS = (
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-class GpuSampler:
-    """Polls ``nvidia-smi`` in a thread: device utilization and memory, and per-process memory of watched PIDs.
-
-    Every failed poll is counted and its message kept (``sampler_errors``, ``sampler_last_error``): a sampler
-    that stopped reading says so in the results instead of leaving a short or empty series behind.
-    """
-
-    def __init__(self, index: int = 0, period_s: float = 0.2) -> None:
-        self.index = index
-        self.period_s = period_s
-        self.memory: list[float] = []
-        self.util: list[float] = []
-        self.proc_memory: dict[int, list[float]] = {}
-        self.watch: set[int] = set()
-        self.errors = 0
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _query(self, args: list[str]) -> str:
-        out = subprocess.run(
-            ["nvidia-smi", f"--id={self.index}", *args, "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"nvidia-smi exit {out.returncode}: {out.stderr.strip()[:200]}")
-        return out.stdout.strip()
-
-    def _poll_once(self) -> None:
-        try:
-            mem, util = (
-                float(x) for x in self._query(["--query-gpu=memory.used,utilization.gpu"]).split(",")[:2]
-            )
-            self.memory.append(mem)
-            self.util.append(util)
-            if self.watch:
-                for line in self._query(["--query-compute-apps=pid,used_memory"]).splitlines():
-                    parts = [x.strip() for x in line.split(",")]
-                    if len(parts) >= 2 and parts[0].isdigit() and int(parts[0]) in self.watch:
-                        self.proc_memory.setdefault(int(parts[0]), []).append(float(parts[1]))
-        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._poll_once()
-            self._stop.wait(self.period_s)
-
-    @contextlib.contextmanager
-    def active(self, watch: set[int] | None = None) -> Iterator[GpuSampler]:
-        """Sample while the block runs; ``watch``: PIDs whose own GPU memory to record (more may be added)."""
-        self.memory.clear()
-        self.util.clear()
-        self.proc_memory.clear()
-        self.watch = set(watch or ())
-        self.errors, self.last_error = 0, None
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join(timeout=10)
-
-    def summary(self) -> dict[str, Any]:
-        """Device peak memory (GiB, all processes), mean utilization (%), per-PID peaks, sample and error counts."""
-        out: dict[str, Any] = {
-            "smi_device_peak_memory_gib": round(max(self.memory) / 1024, 2) if self.memory else None,
-            "smi_mean_util_pct": round(statistics.fmean(self.util), 1) if self.util else None,
-            "smi_samples": len(self.util),
-            "sampler_errors": self.errors,
-        }
-        if self.last_error:
-            out["sampler_last_error"] = self.last_error
-        for pid in sorted(self.watch):
-            seen = self.proc_memory.get(pid)
-            out[f"smi_process_peak_memory_gib[{pid}]"] = round(max(seen) / 1024, 2) if seen else None
-        return out
-
-
 def hardware() -> dict[str, Any]:
     """Machine description for the results file."""
     import torch
@@ -806,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (40 if gpu else (2 if args.quick else 5))
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1 if args.quick else 2)
     n_images = args.n_images or (8192 if gpu else (32 if args.quick else 256))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     workers = args.workers if args.workers is not None else (min(12, max(1, cores - 2)) if gpu else 0)
     if args.model:
         spec = args.model
