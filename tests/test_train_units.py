@@ -383,13 +383,9 @@ def _benchmark_module(name: str):
 
 
 def test_benchmark_parses_open_clip_train_logs():
-    import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module("_open_clip_train")
     line = (
         "2026-11-25,12:00:00 | INFO | Train Epoch: 0 [{n:>6}/12800 ({pct}%)] Data (t): {d} Batch (t): {b}, "
         "3000.00/s, 3000.00/s/gpu LR: 0.000010 Logit Scale: 14.286 Contrastive_loss: 5.5 (5.5) Loss: 5.5 (5.5)"
@@ -420,13 +416,7 @@ def test_benchmark_parses_open_clip_train_logs():
 
 
 def test_benchmark_csv_lists_the_same_files(tmp_path, shape_posts):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module("_open_clip_train")
     csv = bench.write_open_clip_csv(shape_posts, 30, tmp_path / "t.csv")
     rows = csv.read_text().splitlines()
     assert rows[0] == "filepath\ttitle" and len(rows) == 31
