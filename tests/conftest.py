@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny open_clip architectures with random weights, generated posts, offline settings."""
+"""Shared fixtures: tiny open_clip architectures with random weights, generated posts, offline settings.
+
+Also what two test modules share: the local HTTP server of the download tests (test_fetch.py,
+test_fetch_posts.py).
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,15 @@ os.environ.setdefault(
     "NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "numba")
 )
 
-from ccclip_testkit import COLORS, SHAPES, TINY_CFG, draw_shape, load_tiny, make_shape_posts  # noqa: F401
+from ccclip_testkit import (  # noqa: F401
+    COLORS,
+    SHAPES,
+    TINY_CFG,
+    draw_shape,
+    load_tiny,
+    make_shape_posts,
+)
+from fetch_server import PROXY_VARS, Server, _Handler, _QuietServer, _State
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +63,24 @@ def shape_posts(tmp_path: Path):
     path = tmp_path / "posts.csv"
     pl.DataFrame(recs).write_csv(path)
     return read_posts(path, image_root=tmp_path / "imgs")
+
+
+# The local HTTP server (tests/fetch_server.py) of test_fetch.py and test_fetch_posts.py
+@pytest.fixture(scope="module")
+def _server() -> Server:
+    httpd = _QuietServer(("127.0.0.1", 0), _Handler)
+    httpd.state = _State()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield Server(f"http://127.0.0.1:{httpd.server_address[1]}", httpd.state)  # type: ignore[attr-defined]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def server(_server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
+    """The module's server with fresh counters; proxy and offline variables cleared for the test."""
+    _server.state.reset()
+    for name in (*PROXY_VARS, "CCCLIP_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return _server
