@@ -32,16 +32,11 @@ import importlib
 import inspect
 import json
 import logging
-import math
 import os
-import platform
-import re
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -49,34 +44,26 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):  # ccclip_widgets from this checkout; the sibling _bench_common
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REQUIRED = ("numpy", "PIL", "torch", "torchvision", "polars", "ftfy", "regex", "tqdm", "open_clip")
-
-WORDS = (
-    "lol this is so me when the coffee hits different on a monday again can't even tbh the vibes are immaculate "
-    "not me crying over a sandwich at 3am who did this absolutely iconic honestly nobody asked but here we are "
-    "my cat judging me again weekend mood finally home sunset was unreal today best day ever can we talk about "
-    "this why is nobody talking about it literally obsessed low key high key bestie said what she said "
-    "new haircut who dis rainy day vibes hot take pineapple belongs on pizza fight me deadline tomorrow send help "
-    "grandma's recipe never fails road trip playlist is ready the view from up here okay but look at this"
-).split()
-EMOJI = ("😂", "🔥", "✨", "😭", "🙌", "💀", "❤️", "👀", "🤷", "🌅")
-TAGS = (
-    "#mood",
-    "#tbt",
-    "#foodie",
-    "#nofilter",
-    "#weekend",
-    "#catsofinstagram",
-    "#travel",
-    "#ootd",
-    "#relatable",
+from _bench_common import (  # noqa: E402 - after the sys.path set-up above
+    GpuSampler,
+    gpu_index,
+    host_kind,
+    make_photo,
+    make_text,
+    system_info,
+    usable_cores,
 )
+from _embed_report import markdown  # noqa: E402
+
+REQUIRED = ("numpy", "PIL", "torch", "torchvision", "polars", "ftfy", "regex", "tqdm", "open_clip")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -110,105 +97,6 @@ def _rss_mb() -> dict[str, float]:
     return {"self_peak_mb": round(self_kb / 1024, 1), "largest_child_peak_mb": round(child_kb / 1024, 1)}
 
 
-class GpuSampler:
-    """Samples GPU utilisation and memory with ``nvidia-smi -lms`` in a background process.
-
-    Parameters
-    ----------
-    gpu_index
-        The physical GPU index to query.
-    interval_ms
-        Sampling interval.
-    """
-
-    def __init__(self, gpu_index: int | None, interval_ms: int = 200) -> None:
-        self.gpu_index = gpu_index
-        self.interval_ms = interval_ms
-        self.samples: list[tuple[float, float]] = []
-        self.errors = 0
-        self.last_error: str | None = None
-        self._proc: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-
-    def __enter__(self) -> GpuSampler:
-        exe = shutil.which("nvidia-smi")
-        if self.gpu_index is None:
-            return self
-        if exe is None:
-            self.errors, self.last_error = 1, "nvidia-smi not found"
-            return self
-        cmd = [
-            exe,
-            "--query-gpu=utilization.gpu,memory.used",
-            "--format=csv,noheader,nounits",
-            f"--loop-ms={self.interval_ms}",
-            f"--id={self.gpu_index}",
-        ]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        time.sleep(0.3)  # let nvidia-smi start before the measured work
-        return self
-
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            parts = [p.strip() for p in line.split(",")]
-            try:
-                self.samples.append((float(parts[0]), float(parts[1])))
-            except (ValueError, IndexError):
-                self.errors += 1
-                self.last_error = f"unreadable line: {line.strip()[:120]!r}"
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-            if self._reader is not None:
-                self._reader.join(timeout=5)
-            if self._proc.returncode not in (0, -15, None) and self._proc.stderr is not None:
-                self.errors += 1
-                self.last_error = f"nvidia-smi exit {self._proc.returncode}: {self._proc.stderr.read()[:200]}"
-
-    def summary(self) -> dict[str, Any] | None:
-        """Mean and p90 utilisation (%), max memory used (MiB), sample and failure counts; None when not asked."""
-        if not self.samples:
-            if self.errors:
-                return {"samples": 0, "sampler_errors": self.errors, "sampler_last_error": self.last_error}
-            return None
-        import numpy as np
-
-        util = np.array([s[0] for s in self.samples])
-        mem = np.array([s[1] for s in self.samples])
-        return {
-            "util_mean_pct": round(float(util.mean()), 1),
-            "util_p90_pct": round(float(np.percentile(util, 90)), 1),
-            "mem_used_max_mib": round(float(mem.max()), 0),
-            "samples": len(self.samples),
-            "sampler_errors": self.errors,
-            **({"sampler_last_error": self.last_error} if self.last_error else {}),
-        }
-
-
-def _gpu_index(device: Any) -> int | None:
-    import torch
-
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return None
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        ids = [v.strip() for v in visible.split(",")]
-        if idx < len(ids) and ids[idx].isdigit():
-            return int(ids[idx])
-        return None  # UUIDs or MIG names: cannot map to nvidia-smi's index safely
-    return idx
-
-
 @contextlib.contextmanager
 def measured(device: Any, sample_gpu: bool = False) -> Iterator[dict[str, Any]]:
     """Time a block (device synchronised), with peak GPU memory and optional nvidia-smi sampling."""
@@ -219,95 +107,20 @@ def measured(device: Any, sample_gpu: bool = False) -> Iterator[dict[str, Any]]:
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    sampler = GpuSampler(_gpu_index(device) if (cuda and sample_gpu) else None)
-    with sampler:
+    sampler = GpuSampler(gpu_index(device) if (cuda and sample_gpu) else None)
+    with sampler.active():
         t0 = time.perf_counter()
         yield rec
         _sync(device)
         rec["seconds"] = round(time.perf_counter() - t0, 4)
     if cuda:
         rec["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    gpu = sampler.summary()
+    gpu = sampler.utilisation()
     if gpu is not None:
         rec["gpu"] = gpu
 
 
 # --------------------------------------------------------------------------------------------- data
-def _noise(rng: Any, cells: int, h: int, w: int, ch: int) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    grid = rng.normal(0, 1, (max(2, cells * h // w) + 2, cells + 2, ch)).astype(np.float32)
-    out = np.empty((h, w, ch), np.float32)
-    for c in range(ch):
-        out[..., c] = np.asarray(
-            Image.fromarray(grid[..., c], mode="F").resize((w, h), Image.Resampling.BICUBIC)
-        )
-    return out
-
-
-def make_photo(seed: int, width: int = 400, height: int = 300, quality: int = 90) -> bytes:
-    """A photo-like JPEG: smooth luminance and colour noise at several scales, a few shapes, blur, grain.
-
-    Parameters
-    ----------
-    seed
-        Random seed (same seed, same bytes).
-    width, height
-        Size in pixels.
-    quality
-        JPEG quality.
-
-    Returns
-    -------
-    bytes
-        The JPEG (about 30-60 KB at 400 x 300, quality 90).
-    """
-    import io
-
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    h, w = height, width
-    lum = sum(_noise(rng, c, h, w, 1) * a for c, a in ((3, 45.0), (12, 22.0), (48, 10.0)))
-    chroma = sum(_noise(rng, c, h, w, 3) * a for c, a in ((2, 30.0), (8, 12.0)))
-    base = rng.uniform(70, 190, 3).astype(np.float32)
-    img = Image.fromarray((base + lum + chroma).clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 7))):
-        x0, y0 = int(rng.integers(-50, w)), int(rng.integers(-50, h))
-        x1, y1 = x0 + int(rng.integers(20, 220)), y0 + int(rng.integers(20, 160))
-        colour = tuple(int(c) for c in rng.integers(20, 236, 3))
-        kind = int(rng.integers(0, 3))
-        if kind == 0:
-            draw.ellipse([x0, y0, x1, y1], fill=colour)
-        elif kind == 1:
-            draw.rectangle([x0, y0, x1, y1], fill=colour)
-        else:
-            draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(2, 8)))
-    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.0))))
-    grain = rng.normal(0, float(rng.uniform(4.5, 10.0)), (h, w, 1)).astype(np.float32)
-    img = Image.fromarray((np.asarray(img, np.float32) + grain).clip(0, 255).astype(np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def make_text(rng: Any) -> str:
-    """A short social-media caption (about 3% are long enough to be truncated at 77 tokens)."""
-    n = int(rng.integers(70, 110)) if rng.random() < 0.03 else int(rng.integers(3, 30))
-    words = [str(w) for w in rng.choice(WORDS, n)]
-    if rng.random() < 0.4:
-        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(EMOJI)))
-    if rng.random() < 0.3:
-        words.append(str(rng.choice(TAGS)))
-    if rng.random() < 0.15:
-        words.insert(0, f"@user{int(rng.integers(1, 10_000))}")
-    text = " ".join(words)
-    return text[0].upper() + text[1:]
-
-
 def _write_photo(job: tuple[str, int]) -> int:
     path, seed = job
     data = make_photo(seed)
@@ -352,77 +165,6 @@ def generate_dataset(folder: Path, n: int, seed: int, processes: int) -> dict[st
 
 
 # --------------------------------------------------------------------------------------------- measurements
-def system_info(device: Any) -> dict[str, Any]:
-    """CPU, GPU, memory and library versions."""
-    import numpy as np
-    import PIL
-    import polars as pl
-    import torch
-    import torchvision
-
-    import ccclip_widgets
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "polars": pl.__version__,
-        "ccclip_widgets": ccclip_widgets.__version__,
-        "cpu_cores_usable": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
-    try:
-        import open_clip
-
-        info["open_clip"] = open_clip.__version__
-    except Exception:  # pragma: no cover - preflight checked it
-        pass
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    dev = torch.device(device)
-    info["device"] = str(dev)
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        info["gpu_name"] = props.name
-        info["gpu_mem_gib"] = round(props.total_memory / 2**30, 1)
-        with contextlib.suppress(Exception):
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-            info["driver"] = out.stdout.strip().splitlines()[0]
-        from ccclip_widgets.gpu_decode import gpu_decode_available
-
-        info["nvjpeg_batched_decode"] = gpu_decode_available(dev)
-    return info
-
-
-def host_kind(info: dict[str, Any]) -> str:
-    """Short machine label for the results file name (``h100``, ``cpu-2core``, ...)."""
-    name = info.get("gpu_name")
-    if name:
-        m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.upper())
-        return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"cpu-{info.get('cpu_cores_usable', 0)}core"
-
-
 def _normalise(feats: Any) -> Any:
     import torch.nn.functional as F
 
@@ -654,113 +396,6 @@ def bench_text_prep(model: Any, texts: Sequence[str]) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------------- report
-def _fmt(x: float | None) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
-
-
-def _runs(rec: dict[str, Any]) -> str:
-    runs = rec.get("all_runs") or []
-    return f"; best of {runs}" if len(runs) > 1 else ""
-
-
-def _gpu_cell(rec: dict[str, Any]) -> str:
-    g = rec.get("gpu")
-    mem = rec.get("peak_gpu_mem_gib")
-    parts = []
-    if g and "util_mean_pct" in g:
-        parts.append(f"util {g['util_mean_pct']:.0f}% mean / {g['util_p90_pct']:.0f}% p90")
-    if g and g.get("sampler_errors"):
-        parts.append(f"{g['sampler_errors']} failed utilisation reads")
-    if mem is not None:
-        parts.append(f"peak {mem} GiB")
-    return ", ".join(parts)
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The results as a markdown table plus ratios."""
-    r = report["results"]
-    bs = report["args"]["batch_size"]
-    rows = ["| measure | throughput | GPU | notes |", "|---|---|---|---|"]
-    if "naive" in r:
-        rows.append(
-            f"| (a) naive loop: PIL + preprocess in main process, fp32, batch {bs}, no workers "
-            f"| {_fmt(r['naive']['throughput'])} posts/s | {_gpu_cell(r['naive'])} "
-            f"| {r['naive']['posts']} posts{_runs(r['naive'])} |"
-        )
-    for label, rec in r.get("embed_posts", {}).items():
-        if "throughput" not in rec:
-            rows.append(f"| (b) embed_posts, decode={label} | n/a | | {rec.get('skipped', '')} |")
-            continue
-        note = f"workers {rec.get('workers')}, {rec['posts']} posts{_runs(rec)}"
-        rows.append(
-            f"| (b) embed_posts end to end, decode={label} | {_fmt(rec['throughput'])} posts/s "
-            f"| {_gpu_cell(rec)} | {note} |"
-        )
-    if "ceiling" in r:
-        c = r["ceiling"]
-        rows.append(
-            f"| (c) forward-only ceiling: image + text, tensors on device, {c['precision']} "
-            f"| {_fmt(c['throughput'])} posts/s | {_gpu_cell(c)} | batch {c['batch_size']}{_runs(c)} |"
-        )
-    for label, rec in r.get("decode_only", {}).items():
-        rows.append(
-            f"| (d) decode + preprocess only, {label} | {_fmt(rec['throughput'])} img/s | {_gpu_cell(rec)} "
-            f"| workers {rec['workers']}, first batch after {rec.get('first_batch_s')} s, then "
-            f"{_fmt(rec.get('steady_img_per_s'))} img/s{_runs(rec)} |"
-        )
-    if "decode_in_memory" in r:
-        d = r["decode_in_memory"]
-        alone = ", ".join(
-            f"batch {k.split('_')[3]}: {_fmt(v)}" for k, v in d.items() if k.startswith("decode_only_batch_")
-        )
-        rows.append(
-            f"| (d1) decode_and_preprocess alone, bytes in memory, no workers | {_fmt(d['throughput'])} img/s "
-            f"| {_gpu_cell(d)} | batch {d['batch_size']}, {d['images']} images |"
-        )
-        rows.append(f"| (d0) decode_jpeg alone, bytes in memory | see notes | | img/s at {alone} |")
-    if "image_forward" in r:
-        rows.append(
-            f"| (e) image forward only | {_fmt(r['image_forward']['throughput'])} img/s "
-            f"| {_gpu_cell(r['image_forward'])} | {_runs(r['image_forward']).lstrip('; ')} |"
-        )
-    if "text_forward" in r:
-        rows.append(
-            f"| (e) text forward only | {_fmt(r['text_forward']['throughput'])} texts/s "
-            f"| {_gpu_cell(r['text_forward'])} | {_runs(r['text_forward']).lstrip('; ')} |"
-        )
-    if "text_prep" in r:
-        t = r["text_prep"]
-        rows.append(
-            f"| (f) tokenize only, serial | {_fmt(t['tokenize_texts_per_s'])} texts/s | | "
-            f"count_truncated {_fmt(t['count_truncated_texts_per_s'])} texts/s; both in one pass "
-            f"{_fmt(t.get('tokenize_counting_one_pass_texts_per_s'))} texts/s (embed_posts runs it in workers) |"
-        )
-    lines = ["\n".join(rows), ""]
-    for label, ratio in report.get("ratios", {}).items():
-        lines.append(
-            f"- decode={label}: {ratio['of_ceiling']:.0%} of the forward-only ceiling, "
-            f"{ratio['x_naive']:.1f}x the naive loop"
-        )
-    target = report.get("gpu_target")
-    if target:
-        lines.append(
-            f"- GPU target (>= 80% of ceiling and >= 3x naive, decode={target['decode']}): "
-            f"{'MET' if target['met'] else 'NOT MET'}"
-        )
-    m = report["meta"]
-    hw = m.get("gpu_name") or "no GPU"
-    lines.append(
-        f"- machine: {hw}; {m.get('cpu_model', '?')} ({m.get('cpu_cores_usable')} usable cores); torch "
-        f"{m['torch']}, torchvision {m['torchvision']}, open_clip {m.get('open_clip')}; host peak RSS "
-        f"{m['rss']['self_peak_mb']} MB (largest worker {m['rss']['largest_child_peak_mb']} MB); load average "
-        f"{m.get('load_average_1_5_15')} at start, {m.get('load_average_at_end')} at end"
-    )
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -816,8 +451,7 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     existing = sorted(data_dir.glob("img_*.jpg")) if data_dir.exists() else []
     if (data_dir / "posts.csv").exists() and len(existing) == args.n:
         return {"n": args.n, "reused": str(data_dir)}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return generate_dataset(data_dir, args.n, args.seed, cores or 1)
+    return generate_dataset(data_dir, args.n, args.seed, usable_cores())
 
 
 def run(args: argparse.Namespace, tmp: Path, data_dir: Path, gen: dict[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,7 @@ MODELS: dict[str, dict[str, Any]] = {
 
 # --------------------------------------------------------------------------------------------- data
 def _write_photo(job: tuple[str, int, int, int]) -> int:
-    from bench_embed import make_photo
+    from _bench_common import make_photo
 
     path, seed, width, height = job
     data = make_photo(seed, width=width, height=height, quality=85)
@@ -83,7 +83,7 @@ def generate_images(folder: Path, n: int, seed: int = 0) -> dict[str, Any]:
     ``folder``, once (a later call with the same ``n`` and ``seed`` reuses them)."""
     import numpy as np
     import polars as pl
-    from bench_embed import make_text
+    from _bench_common import make_text
 
     marker = folder / f".complete-{n}-{seed}.json"
     if marker.exists():
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
 
     import polars as pl
-    from bench_embed import system_info
+    from _bench_common import system_info
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up (stop the server) on kill
     sizes = sorted(set(args.sizes))

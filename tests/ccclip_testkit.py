@@ -6,9 +6,14 @@ Kept out of ``conftest.py`` so that test modules can import it by a name no othe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+
+#: Seed of the reliability tests' kill points; ``$CCCLIP_RELIABILITY_SEED`` draws others. Read by
+#: tests/test_reliability.py and recorded in the session summary of tests/conftest.py.
+RELIABILITY_SEED = int(os.environ.get("CCCLIP_RELIABILITY_SEED", "20260"))
 
 TINY_CFG = {
     "embed_dim": 32,

@@ -1,8 +1,8 @@
 """https downloads against a local TLS server whose certificate comes from a throw-away CA (trustme).
 
-The same request handler as tests/test_fetch.py, served over TLS: the certificate is checked (an unknown CA is a
-``tls_error``, never retried), connections are kept alive, redirects between https and http are re-checked, and
-the size cap and magic-byte checks hold over TLS as over plain http.
+The same request handler as tests/fetch_server.py, served over TLS: the certificate is checked (an unknown CA is
+a ``tls_error``, never retried), connections are kept alive, redirects between https and http are re-checked,
+and the size cap and magic-byte checks hold over TLS as over plain http.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_fetch import CAP, Server, _image_bytes, _QuietServer, _State
+from fetch_server import CAP, Server, _image_bytes, _QuietServer, _State
 
 from ccclip_widgets.fetch import Fetcher
 
@@ -43,7 +43,7 @@ def ca_file(ca, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def _tls(ca) -> Server:
-    from test_fetch import _Handler
+    from fetch_server import _Handler
 
     class Handler(_Handler):
         def setup(self) -> None:

@@ -457,7 +457,7 @@ def test_symlinks(root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def test_urls_offline_and_other_schemes(root: Path) -> None:
-    """http(s) URLs are downloaded (tests/test_fetch.py); offline they are rejected with a reason, and
+    """http(s) URLs are downloaded (tests/test_fetch_posts.py); offline they are rejected with a reason, and
     other schemes are refused; file:// URLs are local paths."""
     url = (root / "images" / "a.jpg").resolve().as_uri()
     posts = posts_from_records(

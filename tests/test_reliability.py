@@ -1,30 +1,29 @@
-"""Fault injection: SIGKILL at seeded random points, concurrent writers, damaged files, a full disk.
+"""Fault injection, part one: SIGKILL at seeded random points, and concurrent writers.
 
 The kill tests run each stage (embedding + compaction, neighbor index build/save, projection cache, fine-tuning)
 in a process of its own (forked by tests/reliability_worker.py, which imports torch once) that SIGKILLs itself at
 the N-th I/O event of the toolkit (every rename, fsync, unlink, mkdir, rmtree and lock acquisition; see the
 worker's docstring), N drawn from a seeded generator. Each killed run is followed by another run of the same stage on the same folder (itself possibly
 killed), until the stage completes; the completed result must equal an uninterrupted run's, and no kill may ever
-produce a file that is later reported as damaged.
+produce a file that is later reported as damaged. Part two, damaged files and a full disk, is
+tests/test_reliability_storage.py.
 
-The counts of every case are collected in a session-wide summary written to
-``<pytest base temp>/reliability_summary.json`` (or ``$CCCLIP_RELIABILITY_SUMMARY``); docs/reliability.md quotes
-them. ``$CCCLIP_RELIABILITY_SEED`` changes the kill points (default 20260).
+The counts of every case (both parts) are collected in a session-wide summary (the ``summary`` fixture of
+tests/conftest.py) written to ``<pytest base temp>/reliability_summary.json`` (or
+``$CCCLIP_RELIABILITY_SUMMARY``); docs/reliability.md quotes them. ``$CCCLIP_RELIABILITY_SEED`` changes the kill
+points (default 20260).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,22 +32,20 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from ccclip_testkit import make_shape_posts
+from ccclip_testkit import RELIABILITY_SEED
 
-from ccclip_widgets._io import CacheCorruptionWarning, DiskFullError
 from ccclip_widgets.embed import embed_posts
-from ccclip_widgets.models import CheckpointIntegrityError, load_model, save_checkpoint
-from ccclip_widgets.neighbors import IndexIntegrityError, NeighborIndex
+from ccclip_widgets.models import load_model
+from ccclip_widgets.neighbors import NeighborIndex
 from ccclip_widgets.posts import read_posts
 from ccclip_widgets.projection import cached_projection
 from ccclip_widgets.store import EmbeddingStore, StoreCorruptionWarning
 from ccclip_widgets.train import FineTuneConfig, fine_tune
-from ccclip_widgets.train.checkpoint import CheckpointCorruptionWarning, list_checkpoints
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKER = HERE / "reliability_worker.py"
-SEED = int(os.environ.get("CCCLIP_RELIABILITY_SEED", "20260"))
+SEED = RELIABILITY_SEED  # also recorded by the session summary (tests/conftest.py)
 #: Kills per stage (each followed by a resumed run).
 KILLS = {"embed": 5, "index": 5, "projection": 3, "finetune": 5}
 #: At most this many kills in a row on one folder before letting a run complete.
@@ -57,51 +54,7 @@ CHAIN_KILLS = 3
 RUN_LIMIT_S = 300
 
 
-# ------------------------------------------------------------------------------------------------- summary
-@pytest.fixture(scope="session")
-def summary(tmp_path_factory: pytest.TempPathFactory):
-    """Counts of the cases run, written as JSON at the end of the session."""
-    data: dict[str, Any] = defaultdict(lambda: defaultdict(int))
-    yield data
-    out = os.environ.get("CCCLIP_RELIABILITY_SUMMARY") or str(
-        tmp_path_factory.getbasetemp() / "reliability_summary.json"
-    )
-    totals: dict[str, int] = defaultdict(int)
-    for group in data.values():
-        for key, value in group.items():
-            if isinstance(value, int):
-                totals[key] += value
-    Path(out).write_text(json.dumps({"seed": SEED, "groups": data, "totals": totals}, indent=1, default=list))
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_arch: str) -> Path:
-    """Posts, images, a saved tiny model and random vectors shared by the worker processes."""
-    root = tmp_path_factory.mktemp("reliability-inputs")
-    recs = make_shape_posts(root / "imgs", n_per=2)  # 48 posts, 48 images, 24 distinct texts
-    pl.DataFrame(recs).write_csv(root / "posts.csv")
-    pl.DataFrame(recs[:24]).write_csv(root / "posts-train.csv")
-    pl.DataFrame(recs[:32]).write_csv(root / "posts-first.csv")  # overlapping halves for the concurrency test
-    pl.DataFrame(recs[16:]).write_csv(root / "posts-second.csv")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = load_model(f"{tiny_arch}:random", device="cpu", allow_random=True)
-    save_checkpoint(model, root / "model")
-    rng = np.random.default_rng(7)
-    centers = rng.normal(size=(6, 16))
-    img = centers[rng.integers(0, 6, 120)] + 0.3 * rng.normal(size=(120, 16))
-    txt = img + 0.2 * rng.normal(size=img.shape)
-    norm = np.linalg.norm
-    np.savez(
-        root / "vectors.npz",
-        image=(img / norm(img, axis=1, keepdims=True)).astype(np.float32),
-        text=(txt / norm(txt, axis=1, keepdims=True)).astype(np.float32),
-    )
-    return root
-
-
+# ------------------------------------------------------------------------------------------------- worker
 def _env() -> dict[str, str]:
     return {
         **os.environ,
@@ -551,267 +504,3 @@ def test_interrupted_folder_replacement_is_put_back(tmp_path, summary):
     assert [p.name.endswith(".old") for p in restored] == [True]
     assert (tmp_path / "best" / "w").read_text() == "v1" and sorted(os.listdir(tmp_path)) == ["best"]
     summary["interrupted_replacement"]["cases"] += 1
-
-
-# ------------------------------------------------------------------------------------------------- damage
-def _damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "flip":
-        data[len(data) // 2] ^= 0x10
-    else:
-        data = data[: len(data) // 2]
-    path.write_bytes(bytes(data))
-
-
-DAMAGE = ("flip", "truncate")
-#: 24 shape posts are stored as three image parts of 8 vectors.
-PARTS_OF_8 = {"part_size": 8, "batch_size": 8, "num_workers": 0, "show_progress": False}
-
-
-@pytest.mark.parametrize("how", DAMAGE)
-def test_damaged_store_part_is_reported_and_recomputed(tiny_model, shape_posts, tmp_path, how, summary):
-    ref = embed_posts(shape_posts, tiny_model, store=tmp_path / "ref", **PARTS_OF_8)
-    embed_posts(shape_posts, tiny_model, store=tmp_path / "s", **PARTS_OF_8)
-    part = sorted((tmp_path / "s").rglob("images/part-*.parquet"))[1]
-    _damage(part, how)
-    with pytest.warns(StoreCorruptionWarning, match=part.name):
-        again = embed_posts(shape_posts, tiny_model, store=tmp_path / "s", **PARTS_OF_8)
-    assert again.stats["images_encoded"] == 8 and again.stats["images_reused"] == 16
-    assert len(again) == len(ref) == 24
-    np.testing.assert_array_equal(again.image, ref.image)
-    assert part.with_name(part.name + ".corrupt").exists()
-    summary["damage:store"]["cases"] += 1
-    summary["damage:store"]["detected"] += 1
-    summary["damage:store"]["rows_lost"] += len(ref) - len(again)
-
-
-def test_damaged_store_manifest_is_reported_and_rewritten(tmp_path, summary):
-    EmbeddingStore.open(tmp_path, "fp", 8).write_part("texts", ["t"], np.ones((1, 8), np.float32))
-    manifest = tmp_path / "fp" / "manifest.json"
-    _damage(manifest, "truncate")
-    with pytest.warns(StoreCorruptionWarning, match="manifest.json is damaged"):
-        store = EmbeddingStore.open(tmp_path, "fp", 8)
-    assert store.has("texts", ["t"]).all() and json.loads(manifest.read_text())["dim"] == 8
-    summary["damage:store"]["cases"] += 1
-    summary["damage:store"]["detected"] += 1
-
-
-def _small_index_data() -> tuple[list[str], np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(3)
-    return [f"p{i}" for i in range(60)], rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
-
-
-@pytest.mark.parametrize("how", DAMAGE)
-@pytest.mark.parametrize("name", ["image.faiss", "text.faiss", "posts.parquet", "manifest.json"])
-def test_damaged_index_file_is_refused_then_rebuilt(tmp_path, name, how, summary):
-    ids, img, txt = _small_index_data()
-    built = NeighborIndex.load_or_build(tmp_path, ids, img, txt, fingerprint="f", show_progress=False)
-    _damage(tmp_path / name, how)
-    with pytest.raises(IndexIntegrityError, match=name.replace(".", r"\.")):
-        NeighborIndex.load(tmp_path, fingerprint="f")
-    with pytest.warns(CacheCorruptionWarning, match="is damaged and is rebuilt"):
-        again = NeighborIndex.load_or_build(tmp_path, ids, img, txt, fingerprint="f", show_progress=False)
-    for row in (0, 30):
-        assert again.image_to_texts(row).equals(built.image_to_texts(row))
-    assert NeighborIndex.load(tmp_path, fingerprint="f").n == 60  # the rebuilt one was saved
-    summary["damage:index"]["cases"] += 1
-    summary["damage:index"]["detected"] += 1
-
-
-def test_altered_but_valid_index_manifest_is_caught(tmp_path, summary):
-    ids, img, txt = _small_index_data()
-    NeighborIndex.build(ids, img, txt, show_progress=False).save(tmp_path)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["params"]["seed"] = 1  # still valid JSON, still the right files
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexIntegrityError, match="was altered"):
-        NeighborIndex.load(tmp_path)
-    summary["damage:index"]["cases"] += 1
-    summary["damage:index"]["detected"] += 1
-
-
-@pytest.mark.parametrize("how", DAMAGE)
-@pytest.mark.parametrize("suffix", [".npy", ".json"])
-def test_damaged_projection_cache_is_reported_and_recomputed(tmp_path, suffix, how, summary):
-    xy = np.random.default_rng(5).normal(size=(40, 2)).astype(np.float32)
-    calls = []
-
-    def compute() -> np.ndarray:
-        calls.append(1)
-        return xy
-
-    first = cached_projection(tmp_path, "fp", {"a": 1}, compute)
-    (path,) = tmp_path.glob(f"umap-*{suffix}")
-    _damage(path, how)
-    with pytest.warns(CacheCorruptionWarning, match=path.name):
-        again = cached_projection(tmp_path, "fp", {"a": 1}, compute)
-    assert len(calls) == 2
-    np.testing.assert_array_equal(again, first)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CacheCorruptionWarning)
-        np.testing.assert_array_equal(cached_projection(tmp_path, "fp", {"a": 1}, compute), first)
-    assert len(calls) == 2
-    summary["damage:projection"]["cases"] += 1
-    summary["damage:projection"]["detected"] += 1
-
-
-FAST_TRAIN = {
-    "epochs": 3,
-    "batch_size": 8,
-    "lr": 1e-3,
-    "warmup_steps": 1,
-    "checkpoint_every_steps": 2,
-    "keep_checkpoints": 3,
-    "eval_at_start": False,
-    "show_progress": False,
-    "num_workers": 0,
-}
-
-
-@pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory, tiny_arch, inputs):
-    """An uninterrupted run's final weights, and a run stopped after step 6 (checkpoints 2, 4, 6)."""
-    posts = read_posts(inputs / "posts-train.csv", image_root=inputs / "imgs")
-    root = tmp_path_factory.mktemp("stopped-run")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        full = fine_tune(load_model(inputs / "model", device="cpu"), posts, FineTuneConfig(**FAST_TRAIN))
-        reference = {k: v.detach().clone() for k, v in full.model.model.state_dict().items()}
-        stop = threading.Event()
-        fine_tune(
-            load_model(inputs / "model", device="cpu"),
-            posts,
-            FineTuneConfig(**FAST_TRAIN),
-            out_dir=root / "run",
-            stop_event=stop,
-            on_step=lambda info: info.step == 6 and stop.set(),
-        )
-    finally:
-        torch.set_num_threads(n)
-    assert [p.name for p in list_checkpoints(root / "run")][-1] == "checkpoint-0000006"
-    return posts, reference, root / "run"
-
-
-@pytest.mark.parametrize("how", DAMAGE)
-@pytest.mark.parametrize("name", ["open_clip_model.safetensors", "trainer_state.pt", "ccclip.json"])
-def test_damaged_checkpoint_is_refused_or_skipped_for_the_previous_one(
-    stopped_run, inputs, tmp_path, name, how, summary
-):
-    posts, reference, run = stopped_run
-    run = Path(shutil.copytree(run, tmp_path / "run"))
-    newest = run / "checkpoint-0000006"
-    _damage(newest / name, how)
-    cfg = FineTuneConfig(**FAST_TRAIN)
-    # named explicitly: refused, naming the file and the previous good checkpoint
-    with pytest.raises(
-        CheckpointIntegrityError, match=r"(?s)" + name.replace(".", r"\.") + r".*checkpoint-0000004"
-    ):
-        fine_tune(load_model(inputs / "model", device="cpu"), posts, cfg, resume_from=newest)
-    # the run folder: skipped with a warning, set aside, resumed exactly from checkpoint 4
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.warns(CheckpointCorruptionWarning, match=r"Resuming from checkpoint-0000004"):
-            result = fine_tune(load_model(inputs / "model", device="cpu"), posts, cfg, resume_from=run)
-    finally:
-        torch.set_num_threads(n)
-    assert result.steps == 9 and (run / "checkpoint-0000006.corrupt").is_dir()
-    state = result.model.model.state_dict()
-    assert [k for k in reference if not torch.equal(reference[k], state[k])] == []
-    summary["damage:checkpoint"]["cases"] += 1
-    summary["damage:checkpoint"]["detected"] += 1
-    summary["damage:checkpoint"]["resumed_from_previous"] += 1
-
-
-@pytest.mark.parametrize("how", DAMAGE)
-def test_damaged_final_model_is_refused_by_load_model(stopped_run, inputs, tmp_path, how, summary):
-    folder = save_checkpoint(load_model(inputs / "model", device="cpu"), tmp_path / "final")
-    _damage(folder / "open_clip_model.safetensors", how)
-    with pytest.raises(CheckpointIntegrityError, match=r"open_clip_model\.safetensors is damaged"):
-        load_model(folder, device="cpu")
-    summary["damage:checkpoint"]["cases"] += 1
-    summary["damage:checkpoint"]["detected"] += 1
-
-
-# ------------------------------------------------------------------------------------------------- full disk
-@pytest.fixture
-def disk_full(monkeypatch):
-    """Make ``fsync`` report ENOSPC for files whose path contains ``state['match']`` from the n-th one on."""
-    state = {"match": None, "after": 0, "seen": 0, "raised": 0}
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}") if isinstance(fd, int) else ""
-        if state["match"] is not None and state["match"] in path:
-            state["seen"] += 1
-            if state["seen"] > state["after"]:
-                state["raised"] += 1
-                raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return state
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the file being synced")
-def test_disk_full_while_embedding_keeps_the_store_readable(
-    tiny_model, shape_posts, tmp_path, disk_full, summary
-):
-    ref = embed_posts(shape_posts, tiny_model, store=tmp_path / "ref", **PARTS_OF_8)
-    disk_full.update(match=f"{os.sep}images{os.sep}", after=2)  # the third image part finds the disk full
-    with pytest.raises(DiskFullError, match=r"(?s)No space left.*images.*free some disk space"):
-        embed_posts(shape_posts, tiny_model, store=tmp_path / "s", **PARTS_OF_8)
-    assert disk_full["raised"] == 1
-    leftovers = [p for p in (tmp_path / "s").rglob(".*") if p.name.endswith(".tmp")]
-    assert leftovers == []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", StoreCorruptionWarning)
-        store = EmbeddingStore.open(tmp_path / "s", tiny_model.fingerprint, tiny_model.embed_dim)
-        assert store.count("images") == 16 and store.count("texts") == 24  # every earlier part reads back
-    disk_full["match"] = None  # space was freed
-    again = embed_posts(shape_posts, tiny_model, store=tmp_path / "s", **PARTS_OF_8)
-    assert again.stats["images_reused"] == 16 and again.stats["images_encoded"] == 8
-    np.testing.assert_array_equal(again.image, ref.image)
-    summary["disk_full"]["cases"] += 1
-    summary["disk_full"]["rows_lost"] += len(ref) - len(again)
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the file being synced")
-def test_disk_full_while_saving_index_projection_and_checkpoint(
-    stopped_run, inputs, tmp_path, disk_full, summary
-):
-    ids, img, txt = _small_index_data()
-    old = NeighborIndex.build(ids, img, txt, fingerprint="old", show_progress=False).save(tmp_path / "idx")
-    new = NeighborIndex.build(ids, txt, img, fingerprint="new", show_progress=False)
-    disk_full.update(match="text.faiss", after=0)
-    with pytest.raises(DiskFullError, match=r"text\.faiss.*is unchanged"):
-        new.save(tmp_path / "idx")
-    assert NeighborIndex.load(old, fingerprint="old").n == 60  # the previous index is intact
-    assert not list((tmp_path / "idx").glob(".*.tmp"))
-
-    disk_full.update(match="umap-", after=0, seen=0)
-    with pytest.raises(DiskFullError, match=r"umap-[0-9a-f]+\.npy"):
-        cached_projection(tmp_path / "proj", "fp", {}, lambda: np.zeros((5, 2), np.float32))
-    assert sorted(p.suffix for p in (tmp_path / "proj").iterdir()) == [".lock"]
-
-    posts, reference, run = stopped_run
-    run = Path(shutil.copytree(run, tmp_path / "run"))
-    for p in list_checkpoints(run)[1:]:
-        shutil.rmtree(p)  # only checkpoint 2 is left: the resumed run writes 4 next
-    disk_full.update(match="checkpoint-0000004", after=0, seen=0)
-    cfg = FineTuneConfig(**FAST_TRAIN)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(DiskFullError, match="checkpoint-0000004"):
-            fine_tune(load_model(inputs / "model", device="cpu"), posts, cfg, resume_from=run)
-        assert [p.name for p in list_checkpoints(run)] == ["checkpoint-0000002"]
-        assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-        disk_full["match"] = None
-        result = fine_tune(load_model(inputs / "model", device="cpu"), posts, cfg, resume_from=run)
-    finally:
-        torch.set_num_threads(n)
-    state = result.model.model.state_dict()
-    assert [k for k in reference if not torch.equal(reference[k], state[k])] == []
-    summary["disk_full"]["cases"] += 3

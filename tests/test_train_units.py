@@ -370,14 +370,22 @@ def test_lora_targets_default_and_validation(tiny_model):
         lora_targets(tiny_model.model, LoraSettings(target_modules=("nonexistent",)))
 
 
-def test_benchmark_parses_open_clip_train_logs():
+def _benchmark_module(name: str):
+    """A module of benchmarks/ (a folder of scripts, not a package), loaded from its file."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_parses_open_clip_train_logs():
+    from pathlib import Path
+
+    bench = _benchmark_module("_open_clip_train")
     line = (
         "2026-11-25,12:00:00 | INFO | Train Epoch: 0 [{n:>6}/12800 ({pct}%)] Data (t): {d} Batch (t): {b}, "
         "3000.00/s, 3000.00/s/gpu LR: 0.000010 Logit Scale: 14.286 Contrastive_loss: 5.5 (5.5) Loss: 5.5 (5.5)"
@@ -408,13 +416,7 @@ def test_benchmark_parses_open_clip_train_logs():
 
 
 def test_benchmark_csv_lists_the_same_files(tmp_path, shape_posts):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module("_open_clip_train")
     csv = bench.write_open_clip_csv(shape_posts, 30, tmp_path / "t.csv")
     rows = csv.read_text().splitlines()
     assert rows[0] == "filepath\ttitle" and len(rows) == 31
@@ -423,13 +425,7 @@ def test_benchmark_csv_lists_the_same_files(tmp_path, shape_posts):
 
 
 def test_gpu_sampler_reports_its_failures(monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module("_bench_common")
     smp = bench.GpuSampler()
     answers = iter(["garbage", "37, 80"])
 
@@ -445,3 +441,10 @@ def test_gpu_sampler_reports_its_failures(monkeypatch):
     out = smp.summary()
     assert out["sampler_errors"] == 1 and "ValueError" in out["sampler_last_error"]
     assert out["smi_samples"] == 1 and out["smi_process_peak_memory_gib[123]"] == 2.0
+    # the same samples in bench_embed's keys; a sampler given no GPU index samples nothing and reports nothing
+    util = smp.utilisation()
+    assert util["samples"] == 1 and util["util_mean_pct"] == 80.0 and util["mem_used_max_mib"] == 37.0
+    assert util["sampler_errors"] == 1 and "ValueError" in util["sampler_last_error"]
+    with bench.GpuSampler(None).active() as idle:
+        pass
+    assert idle.utilisation() is None and idle.summary()["smi_samples"] == 0
