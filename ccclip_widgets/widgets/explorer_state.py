@@ -7,6 +7,7 @@ script or a test drives it with no Jupyter at all::
     st.set_filter(caption_kind="commentative", lang="uk").click("p0001")
     st.neighbors                      # the image's nearest commentative Ukrainian texts
     st.set_map_filter("split", ["test"]).select(range(100)).selection   # only test posts stay selected
+    st.same_image_posts()             # the other posts of the open post's image (the card lists them)
 
 Every change goes through one update path, :meth:`ExplorerState._update`: it stores the new values, recomputes
 what depends on them (neighbors, search results, the filter mask, colors) and then tells the listeners which
@@ -16,8 +17,8 @@ parts changed: first the views registered with :meth:`on_change`, then the user'
 projection` (the maps), :mod:`~ccclip_widgets.clusters` (clusters and their words), :mod:`~ccclip_widgets.compare`
 (what changed between two models) and :mod:`~ccclip_widgets.evaluate` (commentativeness). This module holds the
 state and its update path; filters, derived columns and colors are in :mod:`._explorer_filters`, the neighbor and
-search lists (and posts resolved to rows) in :mod:`._explorer_lists`, the building of indexes and maps in
-:mod:`._explorer_build`.
+search lists, the posts sharing an image (and posts resolved to rows) in :mod:`._explorer_lists`, the building of
+indexes and maps in :mod:`._explorer_build`.
 """
 
 from __future__ import annotations
@@ -340,6 +341,14 @@ class ExplorerState(ListsAndRows, FiltersAndColors):
             for cb in list(self._callbacks["click"]):
                 cb(info)
         return self
+
+    def click_point(self, post: int | str, view: int = 0) -> ExplorerState:
+        """Open the post behind a point of map ``view``, as a click on the map does.
+
+        Where several posts of one image share the point, the one :meth:`point_post` picks (it fits the filters
+        and the color); the card then lists the others (:meth:`same_image_posts`). Otherwise ``post`` itself.
+        """
+        return self.click(self.point_post(post, view))
 
     def close_post(self) -> ExplorerState:
         """Close the open post (no card, no neighbor lists)."""
