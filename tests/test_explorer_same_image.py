@@ -6,6 +6,7 @@ The table interleaves the posts of each image with others, so "the table's order
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,101 @@ def test_the_logic_needs_no_widget_library() -> None:
         "bad = [m for m in ('ipywidgets', 'plotly', 'IPython') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300, cwd=REPO)
+
+
+# ------------------------------------------------------------------------------------------------ the view
+@pytest.fixture
+def explorer(emb: Embeddings):
+    pytest.importorskip("ipywidgets")
+    pytest.importorskip("plotly")
+    from ccclip_widgets.widgets import Explorer
+
+    ex = Explorer(emb, coords=_coords(len(emb)), color="none", k=3, show_progress=False)
+    ex.widget  # noqa: B018 - build the view
+    return ex
+
+
+def _texts(ex) -> list[str]:
+    return [row.children[1].value for row in ex.panels["same_image"].children[1:-1]]
+
+
+def _post_id(html: str) -> str:
+    return re.search(r'data-post-id="([^"]*)"', html).group(1)
+
+
+def test_card_lists_the_same_image_posts_and_a_click_moves_there(explorer) -> None:
+    from ccclip_widgets.widgets._common import truncate
+
+    p = explorer.panels
+    side = p["side"].children
+    assert side.index(p["card"]) + 1 == side.index(p["same_image"])  # right under the card
+    assert p["same_image"].layout.display == "none"  # nothing open
+    explorer.click("a-com-de")
+    panel = p["same_image"]
+    assert panel.layout.display is None and "ccclip-same-image" in panel._dom_classes
+    heading = panel.children[0].value
+    assert 'data-count="4"' in heading and "Same image" in heading and "4 other posts" in heading
+    buttons = explorer.same_image_buttons()
+    assert [b.description for b in buttons] == [
+        "en \u00b7 descriptive",
+        "uk \u00b7 commentative",
+        "en \u00b7 commentative",
+        "de \u00b7 descriptive",
+    ]
+    texts = _texts(explorer)
+    ids = ["a-desc-en", "a-com-uk", "a-com-en", "a-desc-de"]
+    assert [_post_id(t) for t in texts] == ids
+    # the text is shortened and escaped
+    long_text = explorer.posts["text"][6]
+    assert truncate(long_text, 90) in texts[2] and long_text.strip() not in texts[2]
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot; &lt;script&gt;" in texts[1]
+    assert "<script>" not in texts[1] and "<b>bold" not in texts[1]
+    assert panel.children[-1].value == ""  # nothing left out: no "+k more"
+    # a click on an entry opens that post; the list then holds the others, the previous post included
+    buttons[1].click()
+    assert explorer.current_post_id == "a-com-uk"
+    assert 'data-post-id="a-com-uk"' in p["card"].value
+    assert [b.description for b in explorer.same_image_buttons()][:3] == [
+        "en \u00b7 descriptive",
+        "de \u00b7 commentative",
+        "en \u00b7 commentative",
+    ]
+    assert [_post_id(t) for t in _texts(explorer)] == ["a-desc-en", "a-com-de", "a-com-en", "a-desc-de"]
+    # the card's own text is escaped too
+    assert "<script>" not in p["card"].value and "&lt;script&gt;" in p["card"].value
+
+
+def test_the_view_caps_the_list_with_a_more_note(explorer) -> None:
+    explorer.click("e-00")
+    panel = explorer.panels["same_image"]
+    assert len(explorer.same_image_buttons()) == 8
+    assert 'data-count="11"' in panel.children[0].value
+    more = panel.children[-1].value
+    assert 'data-more="3"' in more and "+3 more" in more
+    assert [_post_id(t) for t in _texts(explorer)] == [f"e-{j:02d}" for j in range(1, 9)]
+    explorer.click("a-com-de")  # a shorter list reuses the rows and drops the note
+    assert len(explorer.same_image_buttons()) == 4 and panel.children[-1].value == ""
+
+
+def test_a_post_alone_on_its_image_shows_no_list(explorer) -> None:
+    explorer.click("a-com-de").click("u-desc-en")
+    assert explorer.panels["same_image"].layout.display == "none"
+    assert explorer.same_image_buttons() == []
+    explorer.click("a-com-de").close_post()
+    assert explorer.panels["same_image"].layout.display == "none"
+
+
+def test_a_plotly_click_on_a_shared_point_opens_the_fitting_post(explorer) -> None:
+    from test_widget_explorer import _send_points
+
+    fig = explorer.figures[0]
+    _send_points(fig, "plotly_click", [19])  # the browser reports the German descriptive post
+    assert explorer.last_error is None and explorer.current_post_id == "a-desc-en"
+    assert "a-desc-de" in [_post_id(t) for t in _texts(explorer)]  # ...which the card lists
+    explorer.set_map_filter("lang", "uk")
+    _send_points(fig, "plotly_click", [0])
+    assert explorer.current_post_id == "a-com-uk"
+    _send_points(fig, "plotly_hover", [19])  # hovering still previews the reported post
+    assert 'data-post-id="a-desc-de"' in explorer.panels["hover"].value
+    _send_points(fig, "plotly_click", [5])  # alone on its point
+    assert explorer.current_post_id == "s-com-uk"

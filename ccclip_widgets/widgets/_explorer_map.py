@@ -273,8 +273,13 @@ def _two_lines(label: str) -> str:
 
 
 def _forward(ex: Explorer, what: str, fig: MapFigure, trace: Any, points: Any, state: Any) -> None:
-    if points.point_inds:
-        ex._guard(getattr(ex, what), fig.sample.row(points.point_inds[0]))
+    if not points.point_inds:
+        return
+    row = fig.sample.row(points.point_inds[0])
+    if what == "click":  # posts of one image share a point: the state picks which one the click opens
+        ex._guard(ex.click_point, row, fig.vi)
+    else:
+        ex._guard(getattr(ex, what), row)
 
 
 def _rows_inside(coords: np.ndarray, selector: Any) -> np.ndarray | None:

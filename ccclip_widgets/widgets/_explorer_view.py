@@ -14,6 +14,7 @@ import polars as pl
 from ._colors import legend_html
 from ._common import escape, require_plotly, require_widgets, truncate
 from ._explorer_map import MapFigure, Sample
+from ._explorer_same_image import SameImagePanel
 from .explorer_state import MODES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -148,9 +149,11 @@ class ExplorerView:
         p["hover"] = w.HTML(layout=w.Layout(min_height="40px"))
         p["hover"].add_class("ccclip-hover")
 
-        # side panel: card, neighbors, (what changed), search results
+        # side panel: card (with the other posts of its image), neighbors, (what changed), search results
         p["card"] = w.HTML(_EMPTY_CARD)
         p["card"].add_class("ccclip-card")
+        self.same_image = SameImagePanel(ex)
+        p["same_image"] = self.same_image.box
         p["neighbor_heading"] = w.HTML()
         p["neighbor_lists"] = [self._list_box(v.label if two else "") for v in ex.maps]
         p["neighbors"] = w.VBox(
@@ -169,7 +172,7 @@ class ExplorerView:
             ]
         )
         p["search_results"].add_class("ccclip-search-results")
-        side_parts = [p["card"], p["neighbors"]]
+        side_parts = [p["card"], p["same_image"], p["neighbors"]]
         if two:
             side_parts.append(self._changes_panel(w, p))
         side_parts += [p["search_results"]]
@@ -308,6 +311,7 @@ class ExplorerView:
             p["neighbor_heading"].value = self._neighbor_heading()
             if "rank_changes" in p:
                 p["rank_changes"].value = _rank_changes_html(ex.rank_changes, ex.k)
+            self.same_image.render()
             p["card"].value = ex.card or _EMPTY_CARD
         if parts & {"search", "neighbor_filter"}:
             for v, box in zip(ex.maps, p["search_lists"]):

@@ -14,8 +14,11 @@ methods code calls::
     ex.selection                                   # polars frame of the selected posts (map filter applied)
 
 Layout: a toolbar (color, neighbor mode, k, neighbor filter; map filter and cluster labels; search), the legend,
-then the map(s) beside a side panel holding, top down, the open post's card, its neighbors, with two models what
-changed, and the search results under their own heading with a Clear button. The hover preview sits under the map.
+then the map(s) beside a side panel holding, top down, the open post's card, the other posts of its image ("Same
+image, N other posts", each a button that opens it), its neighbors, with two models what changed, and the search
+results under their own heading with a Clear button. The hover preview sits under the map. Posts of one image
+share a point on an image map: a click there opens the one that fits the filters and color
+(:meth:`~.explorer_state.ExplorerState.point_post`), and the card lists the others.
 With the defaults (map 460 px, side panel 350 px) the widget is about 820 px wide, which fits a 1280 px window
 with JupyterLab's file browser open (checked by ``tests/browser/test_lab.py``).
 
@@ -27,6 +30,10 @@ DOM hooks for browser tests (CSS classes):
   ``ccclip-legend`` (``.ccclip-legend-item[data-category]``), ``ccclip-progress`` (while building);
 * ``ccclip-map``: the plotly graph div (traces ``posts``, ``current``, ``neighbors``, ``search``);
 * ``ccclip-side``, ``ccclip-card`` (``.ccclip-card-body[data-post-id]``), ``ccclip-hover``;
+* ``ccclip-same-image`` (hidden when the open post's image is its own): ``.ccclip-same-image-heading[data-count]``,
+  rows ``ccclip-same-image-row`` (a ``ccclip-same-image-button`` reading ``"<lang> · <caption_kind>"`` and a
+  ``.ccclip-same-image-text`` element with ``data-post-id``), then ``.ccclip-same-image-more[data-more]`` when
+  the list is cut;
 * ``ccclip-neighbors`` and ``ccclip-search-results`` (with ``ccclip-search-clear``), each holding rows
   ``ccclip-neighbor`` (plus ``ccclip-changed`` when the other model does not list it): a thumbnail, a
   ``ccclip-neighbor-button`` reading ``"<rank>. <post_id>"`` and a ``.ccclip-neighbor-text`` element with
@@ -225,6 +232,10 @@ class Explorer(ExplorerState):
     def neighbor_buttons(self, view: int = 0) -> list[Any]:
         """The clickable button of each neighbor row; ``button.click()`` moves to that post."""
         return [row.children[1] for row in self.neighbor_rows(view)]
+
+    def same_image_buttons(self) -> list[Any]:
+        """The button of each listed post sharing the open post's image; ``button.click()`` opens that post."""
+        return [row.children[0] for row in self.panels["same_image"].children[1:-1]]
 
     def search_buttons(self, view: int = 0) -> list[Any]:
         """The clickable button of each search result row."""
