@@ -180,17 +180,18 @@ def test_map_click_prefers_the_map_filter_then_the_neighbor_filter_then_the_colo
     state.set_map_filter("lang", "uk")  # they disagree: the bright post wins over the filtered kind
     assert state.point_post(19) == 2
     state.clear_map_filters().set_filter()
-    # color: the post that has the color of the point the browser reported (its hover label's color)
+    # color: the point shows the color of its post drawn last (row 19: German, descriptive); the click opens the
+    # first post with that color, whichever post the browser reported
     state.set_color("lang")
-    assert state.point_post(19) == 4 and state.point_post(4) == 4 and state.point_post(6) == 0
-    state.set_color("caption_kind")
-    assert state.point_post(6) == 2 and state.point_post(19) == 0
-    state.set_filter(caption_kind="commentative").set_color("lang")
-    assert state.point_post(19) == 4  # commentative first, then German
+    assert [state.point_post(r) for r in A_ROWS] == [4] * 5
+    state.set_color("caption_kind").set_map_filter("lang", ["en", "uk"])  # bright: 0, 2, 6; drawn last: 6
+    assert [state.point_post(r) for r in A_ROWS] == [2] * 5  # the first bright commentative post
+    state.clear_map_filters().set_filter(caption_kind="commentative").set_color("lang")
+    assert state.point_post(0) == 4  # commentative first, then German
     state.set_filter(lang="uk")  # they disagree: the filter wins over the color
     assert state.point_post(19) == 2
-    state.set_filter().set_color("likes")  # a value per post: only the reported post has its color
-    assert [state.point_post(r) for r in A_ROWS] == A_ROWS
+    state.set_filter().set_color("likes")  # a value per post: only the post drawn last has the point's color
+    assert [state.point_post(r) for r in A_ROWS] == [19] * 5
 
 
 def test_stacks_are_per_map(emb: Embeddings) -> None:

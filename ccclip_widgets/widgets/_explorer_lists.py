@@ -97,11 +97,13 @@ class ListsAndRows:
         """The row a click on ``post``'s point of map ``view`` opens.
 
         Several posts of one image sit on one point of an image map (within :data:`STACK_TOLERANCE` of the map's
-        extent), and the browser reports the one nearest the pointer. Among them, the click opens the first in the
-        table's order that passes the map filter, then the neighbor filter, then has the color of the point the
-        browser reported (its hover label's color); a rule is skipped when it is not set or no post passes it.
-        With no filter and no color, that is the first post of the image. A post alone on its point (every post
-        on a text map) is opened as it is.
+        extent); the browser reports the one nearest the pointer, and the point shows the color of the one drawn
+        last (the last in the table's order among those the map filter keeps bright). Among them, the click opens
+        the first in the table's order that passes the map filter, then the neighbor filter, then has the color
+        the point shows; a rule is skipped when it is not set or none of them passes it. With no filter and no
+        color that is the image's first post, whichever of them the browser reported. A post alone on its point
+        (every post on a text map) is opened as it is. On a sampled map (more posts than ``max_points``) the
+        point may show another of them: the rule assumes all are drawn.
         """
         row = self._row(post)
         rows = self._image_rows(row)
@@ -111,13 +113,16 @@ class ListsAndRows:
         key = ("map_extent", view)
         if key not in self._derived:
             self._derived[key] = float(np.ptp(xy, axis=0).max()) if len(xy) else 0.0
-        near = np.abs(xy[rows] - xy[row]).max(axis=1) <= STACK_TOLERANCE * self._derived[key]
-        rows = rows[near]
-        values = self._color.values
+        rows = rows[np.abs(xy[rows] - xy[row]).max(axis=1) <= STACK_TOLERANCE * self._derived[key]]
+        if len(rows) < 2:
+            return row
+        visible, values = self._visible, self._color.values
+        bright = rows if visible is None or not visible[rows].any() else rows[visible[rows]]
+        top = bright[-1]  # drawn last: the point shows its color
         rules = [  # row masks, in order of weight; None where not set
-            self._visible,
+            visible,
             self._neighbor_mask(),
-            None if values is None else (values == values[row]) | (np.isnan(values) & np.isnan(values[row])),
+            None if values is None else (values == values[top]) | (np.isnan(values) & np.isnan(values[top])),
         ]
         for passes in rules:  # each narrows the candidates, unless it is not set or none of them passes
             if passes is not None and passes[rows].any():
