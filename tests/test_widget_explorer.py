@@ -680,3 +680,14 @@ def test_changes_panel_with_two_models(emb: Embeddings, emb2: Embeddings, model,
     assert first in moved[0].children[1].description
     moved[0].children[1].click()
     assert ex.current_post_id == first
+
+
+def test_hover_preview_is_no_wider_than_the_maps(emb: Embeddings) -> None:
+    """A long hovered text wraps under the map instead of widening the map column (which pushed the side panel
+    out of the notebook in the full-demo browser test)."""
+    ex = Explorer(emb, coords=_coords(len(emb)), map_width=300, show_progress=False)
+    assert ex.panels["hover"].layout.max_width == "300px"
+    two = Explorer(
+        emb, compare=emb, coords=_coords(len(emb)), compare_coords=_coords(len(emb)), show_progress=False
+    )
+    assert two.panels["hover"].layout.max_width == "920px"

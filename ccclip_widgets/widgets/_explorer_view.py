@@ -146,7 +146,11 @@ class ExplorerView:
         p["status"].add_class("ccclip-status")
         p["legend"] = w.HTML()
         p["legend"].add_class("ccclip-legend")
-        p["hover"] = w.HTML(layout=w.Layout(min_height="40px"))
+        # as wide as the map(s) at most: a long text wraps instead of widening the map column, which would push
+        # the side panel out of the notebook
+        p["hover"] = w.HTML(
+            layout=w.Layout(min_height="40px", max_width=f"{len(self.maps) * ex._map_width}px")
+        )
         p["hover"].add_class("ccclip-hover")
 
         # side panel: card (with the other posts of its image), neighbors, (what changed), search results
