@@ -211,7 +211,8 @@ def _click_point_in_view(page: Any) -> dict:
         "() => { const c = document.querySelector('.ccclip-card .ccclip-card-body'); return c ? c.dataset.postId : null; }"
     )
     page.mouse.click(point["x"], point["y"])
-    # Posts that share an image share a point on an image map: the click opens one of them (the one on top)
+    # Posts that share an image share a point on an image map: the click opens the one that fits the filters and
+    # color (ExplorerState.point_post), not necessarily the one under the pointer
     page.wait_for_function(
         "([id, before]) => { const c = document.querySelector('.ccclip-card .ccclip-card-body');"
         " return !!c && (c.dataset.postId === id || c.dataset.postId !== before); }",
@@ -243,7 +244,8 @@ def test_explorer_full_demo_card_in_view_and_commentative_filter(
     page: Any, lab_full: Any, tmp_path: Path
 ) -> None:
     """On the full demo: at 1280x760 and 1600x1000 a click opens a card that is inside the window (side panel not
-    cut off), the neighbor filter lists only commentative posts, and Run All leaves nothing selected."""
+    cut off), the card lists the image's four other posts and opens one on a click, the neighbor filter lists only
+    commentative posts, and Run All leaves nothing selected."""
     nb = "notebooks/01_explore.ipynb"
     _open_notebook(page, lab_full, nb)
     _run_all(page, nb)
@@ -288,6 +290,22 @@ def test_explorer_full_demo_card_in_view_and_commentative_filter(
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot))
             page.screenshot(path=str(tmp_path / shot.name))
+
+    # the card lists the other posts of the open post's image (the demo posts each image five times); a click on
+    # one opens it
+    heading = page.locator(".ccclip-same-image .ccclip-same-image-heading").first
+    assert heading.get_attribute("data-count") == "4", heading.inner_text()
+    entries = page.locator(".ccclip-same-image .ccclip-same-image-text")
+    assert entries.count() == 4 and entries.first.is_visible()
+    target = entries.nth(1).get_attribute("data-post-id")
+    assert target != point["id"] and target.split("-")[:2] == point["id"].split("-")[:2], (target, point)
+    page.locator(".ccclip-same-image .ccclip-same-image-button").nth(1).click()
+    page.wait_for_function(
+        "(id) => { const c = document.querySelector('.ccclip-card .ccclip-card-body');"
+        " return !!c && c.dataset.postId === id; }",
+        arg=target,
+        timeout=60_000,
+    )
 
     # the neighbor filter: "commentative" in the menu, every listed neighbor is a commentative post
     select = page.locator(".ccclip-neighbor-filter select").first
