@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -593,15 +594,20 @@ def _gather_failures(failures: dict[str, str]) -> dict[str, str]:
 class _PartWriter:
     """Collects vectors (on the model's device) and writes them to the store in parts of ``part_size``.
 
-    Vectors stay on the device until a part is full, so the host waits for the device once per part rather
-    than once per batch.
+    Vectors stay on the device until a part is full. The part is then copied to the host without blocking (into
+    pinned memory on CUDA) and written by ``writer``, a single background thread shared by the text and image
+    parts: the loop neither waits for the device nor for the disk, and the parts still land in order.
+    :meth:`close` waits for every write and re-raises the first failure.
     """
 
-    def __init__(self, store: EmbeddingStore, kind: str, part_size: int) -> None:
-        self.store, self.kind, self.part_size = store, kind, part_size
+    def __init__(
+        self, store: EmbeddingStore, kind: str, part_size: int, writer: ThreadPoolExecutor | None = None
+    ) -> None:
+        self.store, self.kind, self.part_size, self.writer = store, kind, part_size, writer
         self.keys: list[str] = []
         self.vecs: list[torch.Tensor] = []
         self.n = 0
+        self.pending: list[Future] = []
 
     def add(self, keys: list[str], vecs: torch.Tensor) -> None:
         self.keys.extend(keys)
@@ -612,9 +618,36 @@ class _PartWriter:
 
     def flush(self) -> None:
         if self.keys:
-            vecs = torch.cat(self.vecs).cpu().numpy()  # the one host-device sync per part
-            self.store.write_part(self.kind, self.keys, vecs)
+            vecs = torch.cat(self.vecs)
+            if self.writer is None:
+                self.store.write_part(self.kind, self.keys, vecs.cpu().numpy())  # waits for the device
+            else:
+                host, ready = _to_host_async(vecs)
+                self.pending.append(self.writer.submit(self._write, self.keys, host, ready))
         self.keys, self.vecs, self.n = [], [], 0
+
+    def _write(self, keys: list[str], host: torch.Tensor, ready: Any) -> None:
+        if ready is not None:
+            ready.synchronize()  # the copy to the host has landed
+        self.store.write_part(self.kind, keys, host.numpy())
+
+    def close(self) -> None:
+        """Flush what is left, then wait for every part this writer handed to the background thread."""
+        self.flush()
+        pending, self.pending = self.pending, []
+        for fut in pending:
+            fut.result()
+
+
+def _to_host_async(vecs: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A host copy of ``vecs`` started without waiting: pinned memory and a CUDA event on CUDA."""
+    if vecs.device.type != "cuda":
+        return vecs.detach().cpu(), None
+    host = torch.empty(vecs.shape, dtype=vecs.dtype, pin_memory=True)
+    host.copy_(vecs, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 @torch.no_grad()
@@ -729,8 +762,9 @@ def _embed_streams(
     texts: Any = iter(text_loader)
     failures: dict[str, str] = {}
     truncated = 0
-    text_parts = _PartWriter(store, "texts", part_size)
-    image_parts = _PartWriter(store, "images", part_size)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccclip-store-writer")
+    text_parts = _PartWriter(store, "texts", part_size, writer)
+    image_parts = _PartWriter(store, "images", part_size, writer)
     bar_t = _tqdm(
         total=len(encode), desc="embedding texts", unit="text", disable=not show_progress or not encode
     )
@@ -738,6 +772,8 @@ def _embed_streams(
         total=len(sources), desc="embedding images", unit="img", disable=not show_progress or not sources
     )
     text_starts = np.cumsum([0] + [n for _, n in chunks])
+    n_images, n_chunks = max(1, len(sources)), max(1, len(chunks))
+    images_done = chunks_done = 0
     try:
         while images is not None or texts is not None:
             if images is not None:
@@ -758,21 +794,26 @@ def _embed_streams(
                             rows = [rows[k] for k in keep]
                         image_parts.add([img_keys[r] for r in rows], _image_features(model, pixels))
                     bar_i.update(len(errors))
-            if texts is not None:
+                    images_done += len(errors)
+            # take text chunks until their share done catches up with the images' share, so that both streams
+            # end together instead of the texts running alone after the last image
+            while texts is not None and (images is None or chunks_done / n_chunks <= images_done / n_images):
                 item = next(texts, None)
                 if item is None:
                     texts = None
-                else:
-                    k, tokens, n_cut = item
-                    truncated += int(n_cut)
-                    if len(tokens):
-                        start = int(text_starts[k])
-                        feats = _text_features(model, tokens, text_batch_size)
-                        text_parts.add(text_keys[start : start + len(tokens)], torch.cat(feats))
-                        bar_t.update(len(tokens))
-        text_parts.flush()
-        image_parts.flush()
+                    break
+                chunks_done += 1
+                k, tokens, n_cut = item
+                truncated += int(n_cut)
+                if len(tokens):
+                    start = int(text_starts[k])
+                    feats = _text_features(model, tokens, text_batch_size)
+                    text_parts.add(text_keys[start : start + len(tokens)], torch.cat(feats))
+                    bar_t.update(len(tokens))
+        text_parts.close()
+        image_parts.close()
     finally:
+        writer.shutdown(wait=True)  # parts already handed over are written, also when the loop failed
         bar_t.close()
         bar_i.close()
     return failures, truncated

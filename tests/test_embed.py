@@ -259,3 +259,61 @@ def test_worker_sizing_follows_the_decoder_and_the_cores():
     assert default_text_workers(cuda, 32768, 15, cores=16) == 1
     assert default_text_workers(cuda, 100, 2, cores=16) == 0
     assert default_text_workers(cpu, 32768, 1, cores=2) == 0
+
+
+def test_texts_keep_pace_with_images_and_every_part_is_written(
+    tiny_model, shape_posts, tmp_path, monkeypatch
+):
+    """Small text chunks next to large image batches: the texts are interleaved, not left for the end."""
+    from ccclip_widgets.store import EmbeddingStore
+
+    order: list[tuple[str, int]] = []
+    real = EmbeddingStore.write_part
+
+    def recording(self, kind, keys, vectors, **columns):
+        order.append((kind, len(keys)))
+        return real(self, kind, keys, vectors, **columns)
+
+    monkeypatch.setattr(EmbeddingStore, "write_part", recording)
+    emb = embed_posts(
+        shape_posts,
+        tiny_model,
+        store=tmp_path / "s",
+        show_progress=False,
+        num_workers=0,
+        batch_size=8,
+        text_batch_size=2,
+        part_size=2,
+    )
+    assert sum(n for k, n in order if k == "texts") == sum(n for k, n in order if k == "images") == 24
+    last_image = max(i for i, (k, _) in enumerate(order) if k == "images")
+    texts_before = sum(n for k, n in order[:last_image] if k == "texts")
+    # 3 image batches of 8 and 12 text chunks of 2: taking one chunk per batch would leave 18 texts for the end
+    assert texts_before >= 12, order
+    direct = encode_texts(tiny_model, shape_posts.table["text"].to_list())
+    np.testing.assert_allclose(emb.text, direct, atol=1e-6)
+
+
+def test_a_failing_part_write_is_raised_after_the_others_are_written(
+    tiny_model, shape_posts, tmp_path, monkeypatch
+):
+    from ccclip_widgets.store import EmbeddingStore
+
+    real = EmbeddingStore.write_part
+    calls = {"n": 0}
+
+    def flaky(self, kind, keys, vectors, **columns):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (injected)")
+        return real(self, kind, keys, vectors, **columns)
+
+    monkeypatch.setattr(EmbeddingStore, "write_part", flaky)
+    kw = dict(show_progress=False, num_workers=0, batch_size=4, text_batch_size=4, part_size=4)
+    with pytest.raises(OSError, match="disk full"):
+        embed_posts(shape_posts, tiny_model, store=tmp_path / "s", **kw)
+    monkeypatch.setattr(EmbeddingStore, "write_part", real)
+    again = embed_posts(shape_posts, tiny_model, store=tmp_path / "s", **kw)
+    # every part but the failed one (4 vectors) was kept: the rerun encodes only those
+    assert again.stats["images_encoded"] + again.stats["texts_encoded"] == 4
+    assert calls["n"] == 12  # the loop went on after the failure: 6 image parts and 6 text parts were tried
