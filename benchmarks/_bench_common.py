@@ -16,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class GpuSampler:
         self.period_s = period_s
         self.memory: list[float] = []
         self.util: list[float] = []
+        self.times: list[float] = []  # time.perf_counter() of each utilisation sample
         self.proc_memory: dict[int, list[float]] = {}
         self.watch: set[int] = set()
         self.errors = 0
@@ -76,6 +78,7 @@ class GpuSampler:
             )
             self.memory.append(mem)
             self.util.append(util)
+            self.times.append(time.perf_counter())
             if self.watch:
                 for line in self._query(["--query-compute-apps=pid,used_memory"]).splitlines():
                     parts = [x.strip() for x in line.split(",")]
@@ -99,6 +102,7 @@ class GpuSampler:
         """
         self.memory.clear()
         self.util.clear()
+        self.times.clear()
         self.proc_memory.clear()
         self.watch = set(watch or ())
         self.errors, self.last_error = 0, None
@@ -132,6 +136,18 @@ class GpuSampler:
             seen = self.proc_memory.get(pid)
             out[f"smi_process_peak_memory_gib[{pid}]"] = round(max(seen) / 1024, 2) if seen else None
         return out
+
+    def window_util(self, start: float, end: float) -> dict[str, Any]:
+        """Mean utilisation (%) of the samples taken between ``start`` and ``end`` (``time.perf_counter()``).
+
+        A row's steady-state window, without its set-up (model load, worker start, warm-up steps). ``None`` with
+        ``smi_window_samples`` 0 when no sample fell inside (a short window, or a sampler starved of the CPU).
+        """
+        inside = [u for t, u in zip(self.times, self.util) if start <= t <= end]
+        return {
+            "smi_window_mean_util_pct": round(statistics.fmean(inside), 1) if inside else None,
+            "smi_window_samples": len(inside),
+        }
 
     def utilisation(self) -> dict[str, Any] | None:
         """Mean and p90 utilisation (%), max memory used (MiB), sample and failure counts; None when not asked."""

@@ -171,8 +171,13 @@ def bench_step_only(
             float(loss.item())  # the loop reads the losses back every read_every steps
     if cuda:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    out = {"samples_per_s": round(batch * steps / dt, 1), "step_ms": round(1000 * dt / steps, 2)}
+    t1 = time.perf_counter()
+    dt = t1 - t0
+    out = {
+        "samples_per_s": round(batch * steps / dt, 1),
+        "step_ms": round(1000 * dt / steps, 2),
+        "window_perf_counter": (t0, t1),
+    }
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
@@ -222,7 +227,8 @@ def bench_fine_tune(
     t0 = time.perf_counter()
     result = fine_tune(clip, posts, cfg, on_step=on_step)
     total = time.perf_counter() - t0
-    timed = (marks[warmup + steps] - marks[warmup]) if warmup > 0 else (marks[steps] - t0)
+    window = (marks[warmup] if warmup > 0 else t0, marks[warmup + steps])
+    timed = window[1] - window[0]
     n_timed = steps
     per_step = [h["samples_per_s"] for h in result.history[warmup:]]
     out = {
@@ -232,6 +238,7 @@ def bench_fine_tune(
         "final_loss": round(result.history[-1]["loss"], 4),
         "trainable_params": result.trainable_params.get("total"),
         "workers": cfg.num_workers if cfg.num_workers is not None else "auto",
+        "window_perf_counter": window,
     }
     if clip.device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -393,7 +400,8 @@ def check_resume(spec: str, device: str, posts: Any, batch: int, steps: int, wor
 def table(results: dict[str, dict]) -> str:
     """Markdown table of the measurements."""
     rows = [
-        "| pipeline | pairs/s | vs open_clip_train | GPU util (mean) | peak GPU mem, this process |",
+        "| pipeline | pairs/s | vs open_clip_train | GPU util (mean: timed steps / whole row) "
+        "| peak GPU mem, this process |",
         "|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -407,6 +415,10 @@ def table(results: dict[str, dict]) -> str:
             mem_cell += f"{'; ' if mem_cell else ''}{own} GiB by nvidia-smi (its PID)"
         util = r.get("smi_mean_util_pct")
         util_cell = f"{util}%" if util is not None else "n/a"
+        if "smi_window_samples" in r:
+            w = r.get("smi_window_mean_util_pct")
+            shown = f"{w}%" if w is not None else "no sample"
+            util_cell = f"{shown} ({r['smi_window_samples']} samples) / {util_cell}"
         if r.get("sampler_errors"):
             util_cell += f" ({r['sampler_errors']} failed reads)"
         vs = r.get("vs_open_clip_train")
@@ -502,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = fn()
             except Exception as exc:  # keep the other measurements
                 r = {"error": f"{type(exc).__name__}: {exc}"}
+        window = r.pop("window_perf_counter", None) if isinstance(r, dict) else None
         if gpu:
             summ = sampler.summary()
+            if window is not None:  # utilisation over the timed steps alone, besides the whole row's
+                summ.update(sampler.window_util(*window))
             own = summ.pop(f"smi_process_peak_memory_gib[{os.getpid()}]", None)
             r.update(summ)
             # this process holds the caching allocator's reserve and its CUDA context: an upper bound

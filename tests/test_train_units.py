@@ -448,3 +448,21 @@ def test_gpu_sampler_reports_its_failures(monkeypatch):
     with bench.GpuSampler(None).active() as idle:
         pass
     assert idle.utilisation() is None and idle.summary()["smi_samples"] == 0
+
+
+def test_gpu_sampler_window_keeps_only_the_timed_samples(monkeypatch):
+    bench = _benchmark_module("_bench_common")
+    smp = bench.GpuSampler()
+    clock = iter([1.0, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    answers = iter(["10, 0", "10, 90", "10, 70", "10, 0"])  # set-up idle, two busy steps, tear-down idle
+    monkeypatch.setattr(smp, "_query", lambda args: next(answers))
+    for _ in range(4):
+        smp._poll_once()
+    assert smp.summary()["smi_mean_util_pct"] == 40.0  # the whole row, set-up included
+    assert smp.window_util(1.5, 3.5) == {"smi_window_mean_util_pct": 80.0, "smi_window_samples": 2}
+    assert smp.window_util(5.0, 6.0) == {"smi_window_mean_util_pct": None, "smi_window_samples": 0}
+    bench_train = _benchmark_module("bench_train")
+    row = {"samples_per_s": 10.0, "smi_mean_util_pct": 40.0, "smi_window_mean_util_pct": 80.0}
+    row["smi_window_samples"] = 2
+    assert "| 80.0% (2 samples) / 40.0% |" in bench_train.table({"fine_tune_jpeg": row})
