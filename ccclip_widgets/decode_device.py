@@ -221,71 +221,6 @@ def _place(n: int, t: int) -> tuple[int, int, int]:
     return 0, (t - n) // 2, n
 
 
-#: Devices on which the resize runs as two matrix products (see :func:`_resize_matrix`); elsewhere
-#: ``F.interpolate(antialias=True)``. On CUDA the products are several times faster than the antialiased
-#: interpolation kernel, which sums over the whole 2-D footprint of every output pixel; on a CPU torch's
-#: separable resampler is as fast and needs no float copy of the full-size image.
-MATMUL_RESIZE_DEVICES: frozenset[str] = frozenset({"cuda"})
-
-
-def _filter_weights(x: np.ndarray, mode: str) -> np.ndarray:
-    """The resampling kernel of ``mode`` (triangle, or Keys' cubic with a = -0.5) at offsets ``x``."""
-    x = np.abs(x)
-    if mode == "bilinear":
-        return np.where(x < 1.0, 1.0 - x, 0.0)
-    a = -0.5
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-@functools.lru_cache(maxsize=256)
-def _resize_weights(n_in: int, n_out: int, mode: str, start: int, length: int) -> np.ndarray:
-    """Rows ``start .. start + length`` of the ``n_out x n_in`` antialiased resampling matrix (float32).
-
-    The same weights as ``F.interpolate(..., antialias=True, align_corners=False)`` and PIL's resampling: the
-    kernel is widened by the scale when shrinking, each output pixel's window is clipped to the image and its
-    weights are normalised to sum to one.
-    """
-    scale = n_in / n_out
-    stretch = scale if scale >= 1.0 else 1.0
-    support = (2.0 if mode == "bicubic" else 1.0) * stretch
-    out = np.zeros((length, n_in), dtype=np.float64)
-    for r in range(length):
-        center = scale * (start + r + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), n_in)
-        taps = _filter_weights((np.arange(lo, hi) - center + 0.5) / stretch, mode)
-        total = taps.sum()
-        out[r, lo:hi] = taps / total if total else taps
-    return out.astype(np.float32)
-
-
-def _resize_matrix(
-    n_in: int, n_out: int, mode: str, start: int, length: int, device: torch.device
-) -> torch.Tensor:
-    return torch.from_numpy(_resize_weights(n_in, n_out, mode, start, length)).to(device, non_blocking=True)
-
-
-def _resize_crop(
-    x: torch.Tensor, size: tuple[int, int], crop: tuple[int, int, int, int], mode: str
-) -> torch.Tensor:
-    """Resize float ``N x C x h x w`` images to ``size`` and keep ``crop`` = (top, left, height, width) of it.
-
-    On the devices in :data:`MATMUL_RESIZE_DEVICES` the resize is one matrix product per axis, computing only
-    the rows and columns the crop keeps; elsewhere ``F.interpolate`` with antialiasing, then a slice. Both give
-    the same values up to float rounding (the tests bound it).
-    """
-    (nh, nw), (top, left, ch, cw) = size, crop
-    h, w = x.shape[-2:]
-    if x.device.type in MATMUL_RESIZE_DEVICES:
-        rows = _resize_matrix(h, nh, mode, top, ch, x.device)  # ch x h
-        cols = _resize_matrix(w, nw, mode, left, cw, x.device)  # cw x w
-        return torch.matmul(rows, torch.matmul(x, cols.T))
-    x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
-    return x[:, :, top : top + ch, left : left + cw]
-
-
 def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation to a ``C x H x W`` tensor, as ``PIL.ImageOps.exif_transpose`` does.
 
@@ -397,11 +332,12 @@ def _resize_into(
             chunk = members[start : start + per_chunk]
             x = _stack([images[k] for k in chunk]).to(torch.float32)
             if (nh, nw) != (h, w):
-                x = _resize_crop(x, (nh, nw), (sy, sx, ly, lx), spec.interpolation)
+                x = F.interpolate(
+                    x, size=(nh, nw), mode=spec.interpolation, antialias=True, align_corners=False
+                )
                 # PIL resizes 8-bit images to 8 bits: clip and round as it does
                 x = x.clamp_(0.0, 255.0).round_()
-            else:
-                x = x[:, :, sy : sy + ly, sx : sx + lx]
+            x = x[:, :, sy : sy + ly, sx : sx + lx]
             if (ly, lx) != (th, tw):
                 canvas = x.new_full((len(chunk), 3, th, tw), spec.fill)
                 canvas[:, :, dy : dy + ly, dx : dx + lx] = x
