@@ -591,6 +591,10 @@ def _gather_failures(failures: dict[str, str]) -> dict[str, str]:
     return merged
 
 
+#: Device types whose embedding loop hands store parts to a background writer thread (see :class:`_PartWriter`).
+BACKGROUND_WRITE_DEVICES: frozenset[str] = frozenset({"cuda"})
+
+
 class _PartWriter:
     """Collects vectors (on the model's device) and writes them to the store in parts of ``part_size``.
 
@@ -762,7 +766,12 @@ def _embed_streams(
     texts: Any = iter(text_loader)
     failures: dict[str, str] = {}
     truncated = 0
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccclip-store-writer")
+    # next to a GPU the parts are written by a background thread (the loop must only launch work); on a CPU
+    # that thread would compete with the model for the same cores, so parts are written in the loop
+    background = device.type in BACKGROUND_WRITE_DEVICES
+    writer = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccclip-store-writer") if background else None
+    )
     text_parts = _PartWriter(store, "texts", part_size, writer)
     image_parts = _PartWriter(store, "images", part_size, writer)
     bar_t = _tqdm(
@@ -813,7 +822,8 @@ def _embed_streams(
         text_parts.close()
         image_parts.close()
     finally:
-        writer.shutdown(wait=True)  # parts already handed over are written, also when the loop failed
+        if writer is not None:
+            writer.shutdown(wait=True)  # parts already handed over are written, also when the loop failed
         bar_t.close()
         bar_i.close()
     return failures, truncated
