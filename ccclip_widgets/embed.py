@@ -600,8 +600,9 @@ def _embed_streams(
 
     Images come from their pipeline (PIL in workers, or read by workers and decoded on the device), texts from a
     second DataLoader whose workers tokenize chunks and count truncated texts in the same pass (in the main
-    process when it has no workers). The loop takes one image batch and one text chunk in turn and launches
-    their forward passes; vectors stay on the device until a store part is full.
+    process when it has no workers). After each image batch the loop takes text chunks until the share of
+    chunks done catches up with the share of images done, so both streams end together; it launches their
+    forward passes, and vectors stay on the device until a store part is full (then :class:`_PartWriter`).
 
     Returns
     -------
