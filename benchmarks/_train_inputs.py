@@ -91,15 +91,12 @@ def cpu_demo_spec() -> str:
         }
     except ImportError:
         text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 384, "heads": 6, "layers": 6}
+    from ccclip_widgets.demo.model import DEMO_ARCH_CFG
+
+    # the demo's ResNet-18 image tower, at 64 px
     cfg = {
-        "embed_dim": 256,
-        "vision_cfg": {
-            "timm_model_name": "resnet18",
-            "timm_model_pretrained": False,
-            "timm_pool": "avg",
-            "timm_proj": "linear",
-            "image_size": 64,
-        },
+        "embed_dim": DEMO_ARCH_CFG["embed_dim"],
+        "vision_cfg": {**DEMO_ARCH_CFG["vision_cfg"], "image_size": 64},
         "text_cfg": text_cfg,
     }
     return register_model_config("ccclip-bench-demo-size", cfg) + ":random"
